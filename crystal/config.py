@@ -1,0 +1,339 @@
+"""Typed configuration schemas and the model registry.
+
+Every knob is a dataclass field. Hydra composes YAML from conf/ on top of these
+schemas (registered with the ConfigStore below), so a typo in a key fails at
+composition time with Hydra's message instead of deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class ModelConfig:
+    """One decoder-only transformer family: CrystalCoder, with switches that also give Amber (LLaMA-7B).
+
+    muP (CrystalCoder): the proxy model was tuned at width ``mup_base_width`` (256); a model of width
+    d_model gets width_scale = mup_base_width / d_model (0.0625 for the 7B), which scales hidden init
+    std (sqrt), hidden learning rate (linear) and output logits (linear, times ``mup_output_alpha``).
+    """
+
+    name: str = "tiny"
+    vocab_size: int = 4096
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 2
+    ffn_hidden: int = 682
+    max_seq_len: int = 256
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    bias: bool = True  # biases on every linear layer (the LM head never has one)
+    rope_theta: float = 10000.0
+    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary
+    rope_interleaved: bool = True  # GPT-J pairs (x0,x1),(x2,x3)...; False = rotate-half (NeoX / LLaMA)
+    tie_embeddings: bool = True
+    mup: bool = True
+    mup_base_width: int = 256
+    mup_embed_scale: float = 14.6
+    mup_output_alpha: float = 2.22
+    attn_scale: str = "inv_head_dim"  # inv_head_dim (muP) | inv_sqrt_head_dim (standard)
+    init: str = "trunc_normal"  # trunc_normal (Cerebras run, +-2 std) | normal
+    init_std: float = 0.073  # embedding std; hidden and residual-out stds derive from it
+    ops: str = "torch"  # torch | triton: which implementation of attention/rope/mlp/norm/loss
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"model.norm={self.norm!r}: use 'layernorm' or 'rmsnorm'")
+        if self.attn_scale not in ("inv_head_dim", "inv_sqrt_head_dim"):
+            raise ValueError(f"model.attn_scale={self.attn_scale!r}: use 'inv_head_dim' or 'inv_sqrt_head_dim'")
+        if self.init not in ("trunc_normal", "normal"):
+            raise ValueError(f"model.init={self.init!r}: use 'trunc_normal' or 'normal'")
+        if self.ops not in ("torch", "triton"):
+            raise ValueError(f"model.ops={self.ops!r}: use 'torch' or 'triton'")
+        if not 0.0 < self.rotary_pct <= 1.0 or self.rotary_dims % 2:
+            raise ValueError(
+                f"model.rotary_pct={self.rotary_pct} gives {self.rotary_dims} rotary dims; need an even number > 0"
+            )
+
+    # Derived quantities (properties, so they never go stale in a serialised config).
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def width_scale(self) -> float:
+        return self.mup_base_width / self.d_model if self.mup else 1.0
+
+    @property
+    def embed_scale(self) -> float:
+        return self.mup_embed_scale if self.mup else 1.0
+
+    @property
+    def logits_scale(self) -> float:
+        return self.mup_output_alpha * self.width_scale if self.mup else 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 / self.head_dim if self.attn_scale == "inv_head_dim" else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def hidden_init_std(self) -> float:
+        return self.init_std * math.sqrt(self.width_scale)
+
+    @property
+    def out_init_std(self) -> float:
+        # Residual output projections: scaled down by depth so the residual stream does not grow with L.
+        return self.hidden_init_std / math.sqrt(2 * self.n_layer)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        d, f, b = self.d_model, self.ffn_hidden, int(self.bias)
+        norm_p = d * (2 if self.norm == "layernorm" else 1)
+        per_layer = (d * 3 * d + b * 3 * d) + (d * d + b * d) + 2 * (d * f + b * f) + (f * d + b * d) + 2 * norm_p
+        n = self.n_layer * per_layer + norm_p
+        if include_embedding:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N (N includes the LM head matmul) + 12*L*d*S for attention."""
+        s = seq_len or self.max_seq_len
+        n = self.num_params(include_embedding=False) + self.vocab_size * self.d_model
+        return 6.0 * n + 12.0 * self.n_layer * self.d_model * s
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in MODEL_REGISTRY:
+            known = ", ".join(sorted(MODEL_REGISTRY))
+            raise ValueError(f"unknown model {name!r}; known models: {known}")
+        return cls(**{**MODEL_REGISTRY[name], "name": name, **overrides})
+
+
+def _crystal(**shape: Any) -> dict[str, Any]:
+    """A CrystalCoder family member: the 7B's rules (head dim 128, 25% interleaved rotary, biases, muP)."""
+    d = shape["d_model"]
+    return {"n_head": d // 128, "ffn_hidden": int(8 * d / 3), **shape}
+
+
+MODEL_REGISTRY: dict[str, dict[str, Any]] = {
+    # CPU default: trains in minutes on 2 cores. Width 256 is CrystalCoder's muP base width, so width_scale = 1.
+    "tiny": _crystal(vocab_size=4096, n_layer=4, d_model=256, max_seq_len=256),
+    # A few tens of millions of parameters: the CPU streaming and checkpoint benchmarks' model.
+    "small": _crystal(vocab_size=32032, n_layer=8, d_model=512, max_seq_len=1024),
+    "1b": _crystal(vocab_size=32032, n_layer=24, d_model=2048, max_seq_len=2048),
+    # LLM360/crystalcoder-train finetune/Megatron-LM/CrystalCoder config == HF LLM360/Crystal config.json:
+    # n_layer 32, n_embd 4096, n_head 32, n_inner 10922, vocab 32032, rotary 25% GPT-J style, theta 10000,
+    # mup_embeddings_scale 14.6, mup_output_alpha 2.22, mup_width_scale 0.0625, scale_attn_by 1/d_head.
+    "crystalcoder_7b": _crystal(vocab_size=32032, n_layer=32, d_model=4096, max_seq_len=2048),
+    # LLM360/Amber (HF LLM360/Amber config.json): LLaMA-7B shape, no muP, untied, no biases, RMSNorm.
+    "amber_7b": dict(
+        vocab_size=32000, n_layer=32, d_model=4096, n_head=32, ffn_hidden=11008, max_seq_len=2048,
+        norm="rmsnorm", norm_eps=1e-6, bias=False, rotary_pct=1.0, rope_interleaved=False,
+        tie_embeddings=False, mup=False, attn_scale="inv_sqrt_head_dim", init="normal", init_std=0.02,
+    ),
+}  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------
+# Data, optimisation, training, backend
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # an existing sentencepiece .model (e.g. LLaMA's); None = train one
+    vocab_size: int = 4000  # sentencepiece pieces; model.vocab_size must hold these + 22 added tokens
+    sample_mb: float = 6.0  # MB of text sampled (evenly over sources) to train on
+    seed: int = 1
+
+
+@dataclass
+class SourceConfig:
+    """One named document source; `type` picks the reader in crystal.data.sources."""
+
+    type: str = "python_stdlib"
+    kind: str | None = None  # code | english (readers of local corpora know their own)
+    lang: str | None = None
+    path: str | None = None  # file or directory for file-based readers
+    max_mb: float | None = None  # cap on raw text read (deterministic subset)
+    include_tests: bool = False  # python_stdlib: also read Lib/test
+
+
+@dataclass
+class DataConfig:
+    name: str = "local"
+    # Empty in the schema on purpose: a YAML dict merges into a default dict instead of replacing it.
+    # conf/data/*.yaml names the sources.
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # Token shares by source or by alias; empty = proportional to each source's size. Stage files name
+    # CrystalCoder's subsets (sp_commoncrawl, starcoder, sc_python, ...); `aliases` maps those onto
+    # this data config's sources (several subsets may share one local source: their shares add up).
+    mixture: dict[str, float] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    fim_rate: float = 0.0  # fill-in-the-middle probability per code document
+    fim_spm_rate: float = 0.5  # share of FIM documents in SPM (vs PSM) order
+    cache_dir: str = "~/.cache/crystal"  # tokenizer and token shards; env CRYSTAL_CACHE overrides
+    heldout_fraction: float = 0.02  # documents (by hash of their id) kept out of training for eval
+    num_workers: int = 0  # tokenizer processes for prepare; 0 = one per core
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        bad_alias = sorted(a for a, target in self.aliases.items() if target not in self.sources)
+        if bad_alias:
+            raise ValueError(f"data.aliases {bad_alias} point at sources not in data.sources {sorted(self.sources)}")
+        unknown = sorted(set(self.mixture) - set(self.sources) - set(self.aliases))
+        if unknown:
+            raise ValueError(
+                f"data.mixture names unknown source(s) {unknown}; sources are {sorted(self.sources)}, "
+                f"aliases {sorted(self.aliases)}"
+            )
+        if any(w < 0 for w in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
+            raise ValueError(f"data.mixture weights must be >= 0 with a positive sum, got {dict(self.mixture)}")
+
+    def source_mixture(self) -> dict[str, float]:
+        """The mixture over this config's sources (aliases resolved, shares summed, normalised)."""
+        if not self.mixture:
+            return {}
+        out: dict[str, float] = {}
+        for key, w in self.mixture.items():
+            name = self.aliases.get(key, key)
+            out[name] = out.get(name, 0.0) + float(w)
+        total = sum(out.values())
+        return {n: w / total for n, w in sorted(out.items())}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.012  # peak LR (embedding, biases, norms); hidden matrices get lr * width_scale
+    final_lr: float = 0.00012  # LR reached at the end of the decay horizon
+    warmup_steps: int = 20
+    decay_steps: int | None = None  # linear-decay horizon after warmup; None = until train.steps
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-9
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 0  # 0 = no stage file; 1/2/3 = CrystalCoder's stages (set by +stage=N)
+    steps: int = 400
+    micro_batch: int = 8  # sequences per forward/backward
+    global_batch: int = 8  # sequences per optimizer step = micro_batch * grad_accum * world size
+    seq_len: int | None = None  # None = model.max_seq_len
+    seed: int = 1
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    doc_masking: bool = False  # reset positions and mask attention per packed document
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    ckpt_every: int = 200
+    resume: str | None = None  # a checkpoint dir, a run dir, or 'latest'
+    out_dir: str = "outputs"
+    run_name: str = "default"
+    progress: bool = True
+    peak_tflops: float | None = None  # device peak for MFU; None = known GPU table or a CPU matmul probe
+
+
+@dataclass
+class ScaleConfig:
+    """Scales a stage file's real CrystalCoder figures down for small runs (1.0 = the real thing)."""
+
+    steps: float = 1.0  # train.steps, warmup, decay horizon
+    ckpt: float = 1.0  # checkpoint interval
+    batch: float = 1.0  # global batch in sequences
+
+
+@dataclass
+class BackendConfig:
+    name: str = "resident"  # resident | streaming | cerebras
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hydra glue
+
+
+def _scaled(value: int, kind: str, *, _root_: Any) -> int:
+    """`${scaled:79721,steps}` = the real figure times scale.<kind>, at least 1."""
+    return max(1, round(float(value) * float(_root_.scale[kind])))
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+_GROUP_OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<group>[A-Za-z_][\w/]*)=(?P<value>\d+)$")
+
+
+def quote_numeric_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> list[str]:
+    """`+stage=2` -> `+stage='2'`: Hydra parses a bare 2 as an int and refuses ints as config group
+    choices, but stage files are named 1/2/3. Only overrides naming a config group are touched."""
+    out = []
+    for arg in overrides:
+        m = _GROUP_OVERRIDE.match(arg)
+        if m and (config_dir / m["group"]).is_dir():
+            arg = f"{m['prefix']}{m['group']}='{m['value']}'"
+        out.append(arg)
+    return out
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("scaled"):
+        OmegaConf.register_new_resolver("scaled", _scaled)
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def to_dataclass(cfg: Any) -> Config:
+    """A composed DictConfig (or plain dict) -> Config dataclasses, running every __post_init__ check."""
+    if isinstance(cfg, Config):
+        return cfg
+    obj = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    return obj if isinstance(obj, Config) else config_from_dict(obj)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _from_dict(hint, value, f"{where}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _from_dict(Config, data, "")

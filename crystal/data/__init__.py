@@ -1,0 +1,1 @@
+"""The data side: sources -> tokenizer -> verified shards -> a mixed, packed, resumable loader."""

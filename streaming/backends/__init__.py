@@ -1,0 +1,1 @@
+"""Engines selected by `backend.name`: resident, streaming, cerebras."""

@@ -1,0 +1,58 @@
+"""Shared test setup. Triton kernels run in the interpreter when there is no GPU, which must be
+decided before triton is first imported; data is prepared once per session into a temp cache."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from crystal.config import CONFIG_DIR, Config, quote_numeric_group_choices, register_configs, to_dataclass  # noqa: E402
+
+CONF_DIR = CONFIG_DIR
+
+# A small slice of the embedded corpus: enough text for a tokenizer and a few hundred windows, prepared
+# in a few seconds. Every test that trains uses it.
+FAST_DATA = [
+    "data.sources.python.max_mb=1.5",
+    "data.sources.english.max_mb=1.5",
+    "data.tokenizer.vocab_size=1000",
+    "data.tokenizer.sample_mb=1.0",
+    "train.progress=false",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def crystal_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache per test session, shared with subprocesses through CRYSTAL_CACHE."""
+    path = Path(os.environ.get("CRYSTAL_TEST_CACHE") or tmp_path_factory.mktemp("crystal_cache"))
+    os.environ["CRYSTAL_CACHE"] = str(path)
+    return path
+
+
+def compose_dict(overrides: list[str] | None = None, config_name: str = "config"):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name=config_name, overrides=quote_numeric_group_choices(list(overrides or [])))
+
+
+def compose_config(overrides: list[str] | None = None) -> Config:
+    return to_dataclass(compose_dict(overrides))
+
+
+@pytest.fixture
+def fast_config(tmp_path: Path):
+    """compose(overrides) -> Config on the fast data slice, writing into tmp_path/outputs."""
+
+    def make(*overrides: str) -> Config:
+        return compose_config([*FAST_DATA, f"train.out_dir={tmp_path / 'outputs'}", *overrides])
+
+    return make
