@@ -24,9 +24,14 @@ def train(dcfg: DictConfig) -> dict:
         last = trainer.fit()
         ev = last.get("eval") or trainer.evaluate()
         entropy = unigram_entropy(trainer.data, trainer.loader.mixture_weights)
-        trainer.metrics.log("summary", step=trainer.step, heldout_loss=ev.get("heldout"), unigram_entropy=entropy)
+        trainer.metrics.log("summary", step=trainer.step, heldout_loss=ev.get("heldout"), unigram_entropy=entropy,
+                            skipped_steps=trainer.skipped_steps, rollbacks=trainer.rollbacks)  # fmt: skip
     finally:
         trainer.close()
+    if cfg.train.plots:
+        from crystal.metrics import plot_runs
+
+        plot_runs([trainer.run_dir], trainer.run_dir / "plots")
     print(
         f"done: step {trainer.step}, {trainer.tokens:,} tokens; held-out loss {ev.get('heldout', float('nan')):.4f} "
         f"nats vs unigram entropy {entropy:.4f} nats; run in {trainer.run_dir}"
