@@ -350,7 +350,9 @@ class AsyncCheckpointer:
     ) -> None:  # fmt: skip
         self.wait()
         t0 = time.perf_counter()
-        check_free_space(Path(run_dir) / "checkpoints", tensor_bytes(tensors) + (1 << 20))
+        root = Path(run_dir) / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        check_free_space(root, tensor_bytes(tensors) + (1 << 20))
         snap = snapshot(tensors)
         self.last_stall_s = time.perf_counter() - t0
 

@@ -55,7 +55,8 @@ def test_checkpoint_contents(fast_config):
     ckpt = find_latest(t.run_dir)
     assert ckpt.name == "step-00000002"
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "trainer.json", "config.yaml"}
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "trainer.json", "config.yaml",
+                                      "data_manifest.json", "chunk.json"}  # fmt: skip
     loaded = load_checkpoint(ckpt)
     assert "wte.weight" in loaded.tensors["model"] and "wte.weight.exp_avg_sq" in loaded.tensors["optimizer"]
     assert loaded.meta["step"] == 2 and loaded.meta["data_fingerprint"] == t.data.fingerprint
