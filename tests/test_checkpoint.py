@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -89,8 +88,16 @@ def test_retention_keeps_release_checkpoints_and_the_last_n(small_run):
 
 
 @pytest.mark.parametrize(
-    "name", ["model.safetensors", "optimizer.safetensors", "trainer.json", "config.yaml", "data_manifest.json",
-             "chunk.json", "manifest.json"],  # fmt: skip
+    "name",
+    [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer.json",
+        "config.yaml",
+        "data_manifest.json",
+        "chunk.json",
+        "manifest.json",
+    ],  # fmt: skip
 )
 def test_a_flipped_byte_in_any_checkpoint_file_is_refused(small_run, tmp_path, name):
     copy = tmp_path / "step-00000003"
@@ -130,8 +137,8 @@ def test_background_write_copies_the_state_first_and_a_second_save_waits(tmp_pat
     saver.save(tmp_path, 2, weights, {"step": 2}, "x: 1\n")
     saver.wait()
     assert spans[0][1] <= spans[1][0]  # never two writes at once
-    assert torch.equal(load_checkpoint(tmp_path / "checkpoints" / "step-00000001").tensors["model"]["w"], torch.zeros(4))
-    assert torch.equal(load_checkpoint(tmp_path / "checkpoints" / "step-00000002").tensors["model"]["w"], torch.ones(4))
+    written = lambda step: load_checkpoint(tmp_path / "checkpoints" / f"step-{step:08d}").tensors["model"]["w"]
+    assert torch.equal(written(1), torch.zeros(4)) and torch.equal(written(2), torch.ones(4))
 
 
 def test_unwritable_output_dir_fails_before_training(fast_config, tmp_path):
