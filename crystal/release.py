@@ -217,6 +217,9 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
 
     stage = metas[-1].get("stage", 0)
     _copy(run_dir / "config.yaml", out_dir / "configs" / f"stage-{stage}.yaml", False)
+    origin = started_from(run_dir, ckpts[0])
+    if origin and origin.get("config"):  # the stage before: its resolved config sits next to this one
+        _copy(Path(origin.pop("config")), out_dir / "configs" / f"stage-{origin['stage']}.yaml", False)
     _copy(data.tokenizer.path, out_dir / "tokenizer" / "tokenizer.model", False)
     (out_dir / "tokenizer" / "data_manifest.json").write_text(
         json.dumps({**data.manifest, "fingerprint": data.fingerprint}, indent=1, sort_keys=True)
@@ -264,6 +267,7 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
         "format": FORMAT_VERSION, "run": str(run_dir), "model": cfg.model.name, "stage": stage,
         "git_commit": metas[-1].get("git_commit"), "data_fingerprint": data.fingerprint,
         "tokenizer_sha256": data.tokenizer.sha256, "global_batch": t.global_batch, "seq_len": loader.seq_len,
+        "started_from": origin,
         "checkpoints": {names[p]: {"step": m["step"], "tokens": m["tokens"], "ends_chunk": m.get("ends_chunk"),
                                    "manifest_sha256": file_sha256(p / "manifest.json")} for p, m in zip(ckpts, metas)},
         "chunks": chunks, "files": files,
@@ -272,6 +276,60 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
     log(f"release: {len(chunks)} chunks, {len(ckpts)} checkpoints, {len(files)} files in {out_dir}; "
         f"manifest sha256 {file_sha256(out_dir / 'manifest.json')}")  # fmt: skip
     return manifest
+
+
+def started_from(run_dir: Path, init: Path) -> dict[str, Any] | None:
+    """Where a run began when it did not start from scratch: the checkpoint of the previous stage (or run),
+    and whether this run's first checkpoint holds exactly its weights and optimizer state."""
+    from crystal.checkpoint import load_meta
+
+    events = [r for _, _, r in _metrics_lines(run_dir / "metrics.jsonl") if r.get("kind") == "event"]
+    event = next((e for e in events if e.get("event") in ("stage_transition", "forked")), None)
+    if event is None:
+        return None
+    src = Path(event["from_checkpoint"])
+    out: dict[str, Any] = {"checkpoint": str(src), "event": event["event"], "stage": event.get("from_stage")}
+    if (src / "manifest.json").is_file():
+        meta = load_meta(src)
+        out.update(stage=meta.get("stage", 0), step=meta["step"], manifest_sha256=file_sha256(src / "manifest.json"),
+                   config=str(src / "config.yaml"))  # fmt: skip
+        out["same_tensors_as_init"] = all(
+            file_sha256(src / f) == file_sha256(init / f) for f in ("model.safetensors", "optimizer.safetensors")
+        )
+    return out
+
+
+def describe_run(run_dir: Path) -> dict[str, Any]:
+    """The run's release-readiness in one file (<run>/release_manifest.json, written at the end of training):
+    release checkpoint k <-> chunk k (its record as training wrote it) <-> metrics rows, with hashes.
+    `build` turns it into a release by materialising the chunks from the data recipe."""
+    from crystal.checkpoint import load_meta, step_dir_name
+
+    ckpts = release_checkpoints(run_dir)
+    lines = _metrics_lines(run_dir / "metrics.jsonl")
+    chunks = []
+    for prev, cur in zip(ckpts, ckpts[1:]):
+        meta, record = load_meta(cur), json.loads((cur / "chunk.json").read_text())
+        span = _metrics_span(lines, load_meta(prev)["step"], meta["step"])
+        chunks.append({
+            "chunk": meta["ends_chunk"], "start_checkpoint": prev.name, "checkpoint": cur.name,
+            "steps": record["steps"], "sample_range": record["sample_range"], "excluded": record["excluded"],
+            "num_tokens": record["num_tokens"],
+            "tokens_per_source": record["tokens_per_source"], "tokens_sha256": record["tokens_sha256"],
+            "checkpoint_manifest_sha256": file_sha256(cur / "manifest.json"),
+            "metrics": {"file": "metrics.jsonl", "lines": [span[0][0], span[-1][0]],
+                        "sha256": hashlib.sha256(b"".join(raw for _, raw, _ in span)).hexdigest()},
+        })  # fmt: skip
+    last = load_meta(ckpts[-1]) if ckpts else {}
+    return {
+        "format": FORMAT_VERSION, "run": str(run_dir), "stage": last.get("stage"), "git_commit": last.get("git_commit"),
+        "data_fingerprint": last.get("data_fingerprint"), "tokenizer_sha256": last.get("tokenizer_sha256"),
+        "init_checkpoint": ckpts[0].name if ckpts else None, "chunks": chunks,
+        "started_from": started_from(run_dir, ckpts[0]) if ckpts else None,
+        "rollbacks": last.get("skipped_windows", []), "skipped_steps": last.get("skipped_steps", 0),
+        "build": f"python -m crystal.release build {run_dir} <release dir>",
+        "latest": step_dir_name(last["step"]) if last else None,
+    }  # fmt: skip
 
 
 def _schema():

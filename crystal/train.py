@@ -7,6 +7,7 @@ python -m crystal.train train.resume=latest      continue the run in outputs/<ru
 
 from __future__ import annotations
 
+import json
 import sys
 
 import hydra
@@ -28,6 +29,9 @@ def train(dcfg: DictConfig) -> dict:
                             skipped_steps=trainer.skipped_steps, rollbacks=trainer.rollbacks)  # fmt: skip
     finally:
         trainer.close()
+    from crystal.release import describe_run
+
+    (trainer.run_dir / "release_manifest.json").write_text(json.dumps(describe_run(trainer.run_dir), indent=1))
     if cfg.train.plots:
         from crystal.metrics import plot_runs
 

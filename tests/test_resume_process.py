@@ -70,6 +70,13 @@ def test_resume_in_a_new_process_is_bitwise_also_across_a_stage_boundary(tmp_pat
     # ... process 2 picks it up from disk and finishes
     finish(start(*stage2, "train.resume=latest", "train.run_name=split"))
     assert_same_run(reference, tmp_path / "split")
+    # the stage-2 release names where it began and carries both stages' configs; its first chunk replays
+    from crystal.release import build, verify_chunk
+
+    manifest = build(tmp_path / "split", tmp_path / "release", log=lambda *_: None)
+    assert manifest["started_from"]["stage"] == 1 and manifest["started_from"]["same_tensors_as_init"]
+    assert {p.name for p in (tmp_path / "release" / "configs").iterdir()} == {"stage-1.yaml", "stage-2.yaml"}
+    assert verify_chunk(tmp_path / "release", 0, log=lambda *_: None).ok
 
 
 def _wait_for(proc: subprocess.Popen, condition, timeout: float = 120.0) -> bool:

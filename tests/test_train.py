@@ -112,6 +112,7 @@ def test_cli_smoke_run_writes_metrics_and_a_checkpoint(tmp_path):
     rows = read_metrics(run / "metrics.jsonl")
     assert {r["kind"] for r in rows} >= {"train", "eval", "summary"}
     assert "stage: 2" in (run / "config.yaml").read_text()
+    assert (run / "release_manifest.json").is_file() and (run / "plots" / "loss.png").is_file()
 
 
 @pytest.mark.slow

@@ -181,6 +181,17 @@ def test_release_layout_ties_chunks_checkpoints_and_metrics(release_dir, faulty_
         assert name in manifest["files"]
 
 
+def test_the_run_directory_describes_its_release(faulty_run):
+    from crystal.release import describe_run
+
+    desc = describe_run(faulty_run)
+    assert [(c["chunk"], c["checkpoint"], c["steps"]) for c in desc["chunks"]] == [
+        (0, "step-00000003", [0, 3]), (1, "step-00000006", [3, 6]), (2, "step-00000008", [6, 8])
+    ]  # fmt: skip
+    assert desc["init_checkpoint"] == "step-00000000" and desc["started_from"] is None
+    assert [w["samples"] for w in desc["rollbacks"]] == [[12, 20], [28, 32]] and desc["skipped_steps"] == 1
+
+
 def test_verify_replays_every_chunk_bitwise(release_dir):
     from crystal.release import verify
 
