@@ -278,12 +278,15 @@ def move_aside(run_dir: Path, after_step: int, label: str) -> list[Path]:
     """Move checkpoints newer than `after_step` (an abandoned branch, after a rollback) to checkpoints/<label>/,
     kept for inspection but invisible to resume; points `latest` at the newest one left."""
     root = Path(run_dir) / "checkpoints"
+    aside, n = root / label, 1
+    while aside.exists():  # the same rollback met again after a resume: keep both sets
+        aside, n = root / f"{label}.{n}", n + 1
     moved = []
     for p in list_checkpoints(run_dir):
         if step_of(p) > after_step:
-            (root / label).mkdir(exist_ok=True)
-            os.replace(p, root / label / p.name)
-            moved.append(root / label / p.name)
+            aside.mkdir(exist_ok=True)
+            os.replace(p, aside / p.name)
+            moved.append(aside / p.name)
     remaining = list_checkpoints(run_dir)
     if remaining:
         _write_latest(root, remaining[-1].name)
@@ -296,6 +299,8 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     gone = [p for p in root.glob("step-*") if p.is_dir() and p.name.endswith((".tmp", ".deleting"))]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".probe-*"):
+        p.unlink(missing_ok=True)
     return gone
 
 

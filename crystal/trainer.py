@@ -472,9 +472,10 @@ class Trainer:
         if not list_checkpoints(self.run_dir):  # where this run starts (step 0 or a stage's start) is checkpoint -1
             last["eval"] = self._evaluate_and_log(checkpoint=True)
             self.save_checkpoint(RELEASE)
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, dynamic_ncols=True, desc="train")
+        end = min(t.steps, t.stop_after or t.steps)  # this process stops at `end`; the schedule runs to t.steps
+        bar = tqdm(total=end, initial=self.step, disable=not t.progress, dynamic_ncols=True, desc="train")
         try:
-            while self.step < t.steps:
+            while self.step < end:
                 self.checkpointer.poll()  # a failed background write stops training here, not later
                 row = self.train_step()
                 fault = self.monitor.observe(row["step"], row["loss"], row["skipped"], tuple(row["samples"]))
@@ -491,7 +492,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_s']:,.0f}", lr=f"{row['lr']:.2e}")
                 release = self.step % t.ckpt_every == 0 or self.step == t.steps
-                stop = t.stop_after is not None and self.step >= t.stop_after
+                stop = self.step == end and end < t.steps
                 if self.step % t.eval_every == 0 or release:
                     last["eval"] = self._evaluate_and_log(checkpoint=release)
                     bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in last["eval"].items()))
@@ -499,8 +500,6 @@ class Trainer:
                     self.save_checkpoint(RELEASE)
                 elif stop or (t.ckpt_keep_every and self.step % t.ckpt_keep_every == 0):
                     self.save_checkpoint(KEEP)
-                if stop:
-                    break
         finally:
             bar.close()
             self.checkpointer.wait()
