@@ -352,7 +352,11 @@ class Trainer:
             self.log(f"stage {meta.get('stage', 0)} -> {self.cfg.train.stage}: starting from weights of {path}")
             return
         if own:
+            newer = move_aside(self.run_dir, meta["step"], f"superseded-at-{meta['step']}")  # an older one was named
             self.load_state_dict(meta)
+            if newer:
+                self.metrics.log("event", event="resumed_from_older", step=self.step, checkpoint=path.name,
+                                 moved_aside=[str(p) for p in newer])  # fmt: skip
         else:  # a fork: another run's state, this run's (empty) metrics file
             self.loader.load_state_dict(meta["loader"], allow_data_change=False)
             set_rng_state(meta["rng"])

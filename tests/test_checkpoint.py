@@ -171,3 +171,13 @@ def test_disk_full_during_a_save_stops_training_with_a_clear_error(fast_config, 
     assert trainer.step <= 4  # stopped at the next poll or save, not at the end (8)
     assert find_latest(trainer.run_dir).name == "step-00000000"
     assert not list((trainer.run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(fast_config):
+    cfg = lambda *extra: fast_config(*TINY, "train.steps=3", "train.ckpt_every=1", *extra)
+    first = run_trainer(cfg())
+    original = load_checkpoint(first.run_dir / "checkpoints" / "step-00000003").tensors
+    again = run_trainer(cfg(f"train.resume={first.run_dir / 'checkpoints' / 'step-00000001'}"))
+    assert [p.name for p in (again.run_dir / "checkpoints" / "superseded-at-1").iterdir()] != []
+    replayed = load_checkpoint(find_latest(again.run_dir)).tensors
+    assert all(torch.equal(original["model"][k], replayed["model"][k]) for k in original["model"])
