@@ -260,6 +260,7 @@ class TrainConfig:
     max_rollbacks: int = 5  # give up (clear error) after this many rollbacks in one run
     tensorboard: bool = True  # also write TensorBoard scalars under <run>/tb when tensorboard is installed
     plots: bool = True  # draw <run>/plots/*.png at the end (python -m crystal.metrics plot <run> does it any time)
+    allow_config_change: bool = False  # resume although settings that change the math differ (recorded as an event)
     debug_nan_steps: list[int] = field(default_factory=list)  # test hook: NaN loss on the samples of these steps
     debug_spike_steps: list[int] = field(default_factory=list)  # test hook: loss x 1000 on these steps' samples
 

@@ -179,13 +179,12 @@ def _metrics_span(lines: list, step0: int, step1: int) -> list:
 
 def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[str, Any]:
     """Lay out the release of one run (see the module docstring); returns the manifest."""
-    from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
     from crystal.checkpoint import load_meta, verify_checkpoint
-    from crystal.config import to_dataclass
     from crystal.data.loader import DataLoader
     from crystal.data.prepare import prepare_data
+    from crystal.trainer import config_from_yaml
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpts = release_checkpoints(run_dir)
@@ -196,7 +195,7 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
     for p in ckpts:
         verify_checkpoint(p)
     metas = [load_meta(p) for p in ckpts]
-    cfg = to_dataclass(OmegaConf.merge(OmegaConf.structured(_schema()), OmegaConf.load(ckpts[-1] / "config.yaml")))
+    cfg = config_from_yaml((ckpts[-1] / "config.yaml").read_text())
     t = cfg.train
     data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
     if data.fingerprint != metas[-1]["data_fingerprint"]:
@@ -332,12 +331,6 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _schema():
-    from crystal.config import Config
-
-    return Config
-
-
 def _check_rows_rebuild(path: Path, loader, fim_pad: int, global_batch: int) -> None:
     """The batches verify will rebuild from the released rows equal the loader's own (positions included)."""
     with open(path) as f:
@@ -433,17 +426,14 @@ def verify_chunk(release: Path, k: int, log=print, device: str = "cpu", atol: fl
 
 def _replay_setup(release: Path, entry: dict[str, Any], device: torch.device):
     """Engine in the state of the chunk's start checkpoint, built from the end checkpoint's recorded config."""
-    from omegaconf import OmegaConf
-
     from crystal.checkpoint import load_checkpoint
-    from crystal.config import to_dataclass
     from crystal.model import build_model
-    from crystal.trainer import CrystalAdapter, build_engine, debug_poison
+    from crystal.trainer import CrystalAdapter, build_engine, config_from_yaml, debug_poison
     from crystal.utils import autocast_dtype, set_determinism, set_rng_state
 
     start = load_checkpoint(release / entry["start_checkpoint"])
     end = load_checkpoint(release / entry["checkpoint"])
-    cfg = to_dataclass(OmegaConf.merge(OmegaConf.structured(_schema()), OmegaConf.create(end.config_yaml)))
+    cfg = config_from_yaml(end.config_yaml)
     threads = start.meta.get("env", {}).get("torch_threads")
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)  # CPU matmul reductions split by thread; the same count gives the same bits

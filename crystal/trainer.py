@@ -150,6 +150,40 @@ def unigram_entropy(data: PreparedData, weights: dict[str, float]) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+# Settings a resume may change freely: where and how a run is observed, stored and stopped, not what it computes.
+OPERATIONAL_KEYS = {
+    "train.resume", "train.stop_after", "train.progress", "train.plots", "train.tensorboard", "train.out_dir",
+    "train.run_name", "train.device", "train.eval_every", "train.eval_batches", "train.log_every",
+    "train.ckpt_every", "train.ckpt_keep_every", "train.ckpt_keep_last", "train.peak_tflops", "train.max_rollbacks",
+    "train.allow_config_change", "data.num_workers", "data.cache_dir", "model.ops", "model.name", "backend.name",
+}  # fmt: skip
+
+
+def config_from_yaml(text: str) -> Config:
+    """A checkpoint's config.yaml -> Config (validated like any config)."""
+    from crystal.config import to_dataclass
+
+    return to_dataclass(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ and that change what training computes. train.steps counts only
+    when the LR decay horizon follows it (optim.decay_steps null): extending a run is not a change."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("mixture", "aliases") else
+                       {f"{prefix}{k}": v})  # fmt: skip
+        return out
+
+    a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
+    ignore = set(OPERATIONAL_KEYS)
+    if old.optim.decay_steps is not None and new.optim.decay_steps is not None:
+        ignore.add("train.steps")
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
 # ----------------------------------------------------------------------------------------------
 # Faults
 
@@ -192,6 +226,13 @@ class FaultMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.recent, self.bad_run = list(state.get("recent", [])), list(state.get("bad_run", []))
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +384,8 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints of its own; continue it with train.resume=latest, or start "
                 f"from {path} under a new train.run_name"
             )
+        if same_stage:
+            self._check_config_unchanged(ckpt.config_yaml, path)
         self.engine.load_state_dict(ckpt.tensors)
         if not same_stage:
             # Stage transition (CrystalCoder 1 -> 2 -> 3): weights and Adam moments carry over; the step
@@ -364,6 +407,21 @@ class Trainer:
             self.chunk, self.chunk_start = meta.get("chunk", 0), tuple(meta.get("chunk_start", (0, 0)))
             self.metrics.log("event", event="forked", from_checkpoint=str(path), step=self.step)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _check_config_unchanged(self, saved_yaml: str, path: Path) -> None:
+        """A resume continues the same computation: refuse changed settings unless train.allow_config_change."""
+        changed = config_changes(config_from_yaml(saved_yaml), self.cfg)
+        if not changed:
+            return
+        saved = config_from_yaml(saved_yaml)
+        detail = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(self.cfg, k)!r}" for k in changed[:4])
+        if not self.cfg.train.allow_config_change:
+            raise CheckpointError(
+                f"resuming {path} with changed settings ({detail}); the run would no longer be one reproducible "
+                f"computation. Restore them, start a new train.run_name, or pass train.allow_config_change=true"
+            )
+        self.metrics.log("event", event="config_changed", checkpoint=str(path), changed=changed, detail=detail)
+        self.log(f"warning: resuming {path} with changed settings: {detail}")
 
     def _check_compatible(self, meta: dict[str, Any], path: Path, same_stage: bool) -> None:
         """One line naming what differs: model config, tokenizer, or (same stage) the data fingerprint."""

@@ -21,6 +21,7 @@ from crystal.checkpoint import (
     read_manifest,
     write_checkpoint,
 )
+from crystal.metrics import read_metrics
 from crystal.trainer import Trainer
 
 TINY = ["model.n_layer=1", "train.seq_len=32", "train.micro_batch=4", "train.global_batch=4", "train.eval_every=1000",
@@ -181,3 +182,15 @@ def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(fast_config
     assert [p.name for p in (again.run_dir / "checkpoints" / "superseded-at-1").iterdir()] != []
     replayed = load_checkpoint(find_latest(again.run_dir)).tensors
     assert all(torch.equal(original["model"][k], replayed["model"][k]) for k in original["model"])
+
+
+def test_resume_refuses_changed_settings_unless_allowed(small_run, fast_config):
+    same = [*TINY, "train.steps=7", "train.ckpt_every=3", "train.ckpt_keep_every=1",
+            f"train.resume={small_run / 'checkpoints' / 'step-00000006'}"]  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"changed settings \(optim.lr: 0.006 -> 0.001\).*allow_config_change"):
+        Trainer(fast_config(*same, "optim.lr=0.001"), log=lambda *_: None)
+    trainer = Trainer(fast_config(*same, "optim.lr=0.001", "train.allow_config_change=true"), log=lambda *_: None)
+    trainer.close()
+    events = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl", "event") if r["event"] == "config_changed"]
+    assert events[0]["changed"] == ["optim.lr"]
+    Trainer(fast_config(*same, "train.eval_every=5", "train.ckpt_keep_last=9"), log=lambda *_: None).close()

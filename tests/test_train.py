@@ -36,7 +36,9 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(fast_config):
     full = run_trainer(fast_config(*SMALL, "train.steps=6", "train.ckpt_every=3", "train.run_name=full"))
-    part = run_trainer(fast_config(*SMALL, "train.steps=3", "train.ckpt_every=3", "train.run_name=part"))
+    # the first process stops after 3 of 6 steps (the LR schedule still spans 6)
+    part = run_trainer(fast_config(*SMALL, "train.steps=6", "train.stop_after=3", "train.ckpt_every=3",
+                                   "train.run_name=part"))  # fmt: skip
     resumed = run_trainer(fast_config(*SMALL, "train.steps=6", "train.ckpt_every=3", "train.run_name=part",
                                       "train.resume=latest"))  # fmt: skip
     assert resumed.step == 6
