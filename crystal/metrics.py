@@ -159,7 +159,9 @@ def _xy(rows: list[dict], key: str, offset: float) -> tuple[list[float], list[fl
 
 
 def _mark_structure(ax, series: list[dict[str, Any]]) -> None:
-    """Stage boundaries (dashed, labelled), release checkpoints (ticks at the bottom), rollbacks (red x)."""
+    """Stage boundaries (dashed, labelled), release checkpoints (ticks at the bottom), rollbacks (red lines, at
+    the step that triggered them)."""
+    labelled = False
     for s in series:
         if s["stage"]:
             ax.axvline(s["offset"], color="0.4", ls="--", lw=0.8)
@@ -171,7 +173,9 @@ def _mark_structure(ax, series: list[dict[str, Any]]) -> None:
                     label="release checkpoint" if s is series[0] else None, clip_on=False)  # fmt: skip
         for e in s["events"]:
             if e.get("event") == "rollback":
-                ax.axvline(s["offset"] + e.get("from_tokens", 0), color="tab:red", lw=0.8, alpha=0.6)
+                ax.axvline(s["offset"] + e.get("from_tokens", 0), color="tab:red", lw=0.8, alpha=0.6,
+                           label=None if labelled else "rollback")  # fmt: skip
+                labelled = True
 
 
 def plot_runs(runs: list[Path], out_dir: Path) -> list[Path]:
