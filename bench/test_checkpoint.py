@@ -92,13 +92,19 @@ def test_training_throughput_with_checkpointing_on_vs_off(tmp_path):
         trainer.checkpointer.wait()  # a write still running counts against this segment
         return time.perf_counter() - t0
 
-    on, off = [], []
+    on, off, stalls, cpu = [], [], [], []
     for p in range(pairs):
         for save in (True, False) if p % 2 == 0 else (False, True):
             (on if save else off).append(segment(save, seg))
+            if save:
+                stalls.append(trainer.checkpointer.last_stall_s)
+                cpu.append(trainer.checkpointer.last_write_cpu_s)
     step_s = statistics.median(off) / seg
     extra = statistics.median([a - b for a, b in zip(on, off)])
-    stall = trainer.checkpointer.last_stall_s
+    stall, write_cpu = statistics.median(stalls), statistics.median(cpu)
+    # On a machine whose cores training already fills, the writer's CPU time is taken from training:
+    # stall + writer CPU per save is an upper bound on the cost that noise cannot shrink.
+    bound = (stall + write_cpu) / (interval * step_s)
     tokens = t.global_batch * trainer.seq_len
     off_rate = tokens / step_s
     on_rate = interval * tokens / (interval * step_s + max(0.0, extra))
@@ -108,8 +114,12 @@ def test_training_throughput_with_checkpointing_on_vs_off(tmp_path):
     record("checkpoint", op="train_ckpt", shape=f"{shape} every {interval} steps", dtype="fp32",
            impl="checkpointing on (interleaved)", ms=(interval * step_s + extra) / interval * 1e3, rate=on_rate,
            unit="tok/s")  # fmt: skip
-    print(f"extra per save {extra * 1e3:.0f} ms (stall {stall * 1e3:.0f} ms) vs step {step_s * 1e3:.0f} ms: "
-          f"throughput on/off at every {interval} steps = {on_rate / off_rate:.3f}")  # fmt: skip
+    record("checkpoint", op="train_ckpt", shape=f"{shape} every {interval} steps", dtype="fp32",
+           impl="checkpointing on (bound: stall + writer CPU)", ms=(interval * step_s + stall + write_cpu) / interval
+           * 1e3, rate=off_rate / (1 + bound), unit="tok/s")  # fmt: skip
+    print(f"per save: stall {stall * 1e3:.0f} ms, writer CPU {write_cpu * 1e3:.0f} ms, measured extra "
+          f"{extra * 1e3:.0f} ms; step {step_s * 1e3:.0f} ms; throughput on/off at every {interval} steps: "
+          f"measured {on_rate / off_rate:.3f}, bound {1 / (1 + bound):.3f}")  # fmt: skip
 
     if os.environ.get("CRYSTAL_BENCH_FULL"):
         full = {True: [], False: []}

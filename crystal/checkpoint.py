@@ -347,7 +347,9 @@ class AsyncCheckpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_path: Path | None = None
-        self.last_stall_s = 0.0
+        self.last_stall_s = 0.0  # snapshot: the time training waited
+        self.last_write_s = 0.0  # background write, wall clock
+        self.last_write_cpu_s = 0.0  # CPU time the writer thread used (what it can take from training)
 
     def save(
         self, run_dir: Path, step: int, tensors, meta, config_yaml: str, blocking: bool = False,
@@ -362,12 +364,14 @@ class AsyncCheckpointer:
         self.last_stall_s = time.perf_counter() - t0
 
         def work() -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 self.last_path = write_checkpoint(run_dir, step, snap, meta, config_yaml, kind, extra_files)
                 if self.keep_last is not None:
                     prune(run_dir, self.keep_last)
             except BaseException as e:  # surfaced on the next poll()/wait()
                 self._error = e
+            self.last_write_s, self.last_write_cpu_s = time.perf_counter() - wall, time.thread_time() - cpu
 
         self._thread = threading.Thread(target=work, name=f"checkpoint-{step}", daemon=False)
         self._thread.start()
