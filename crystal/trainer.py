@@ -278,9 +278,9 @@ class Trainer:
         self.flops_per_token = cfg.model.flops_per_token(self.seq_len)
         self._data_manifest = json.dumps({**self.data.manifest, "fingerprint": self.data.fingerprint}, indent=1,
                                          sort_keys=True)  # fmt: skip
-        self._write_run_files()
         if t.resume:
             self.resume(t.resume)
+        self._write_run_files()  # after the resume checks: a refused resume leaves the run's files as they were
 
     # -- run directory ----------------------------------------------------------------------------
 
