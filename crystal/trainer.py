@@ -155,7 +155,8 @@ OPERATIONAL_KEYS = {
     "train.resume", "train.stop_after", "train.progress", "train.plots", "train.tensorboard", "train.out_dir",
     "train.run_name", "train.device", "train.eval_every", "train.eval_batches", "train.log_every",
     "train.ckpt_every", "train.ckpt_keep_every", "train.ckpt_keep_last", "train.peak_tflops", "train.max_rollbacks",
-    "train.allow_config_change", "data.num_workers", "data.cache_dir", "model.ops", "model.name", "backend.name",
+    "train.allow_config_change", "data.num_workers", "data.cache_dir", "data.verify", "data.part_mb",
+    "data.allow_data_change", "model.ops", "model.name", "backend.name",
 }  # fmt: skip
 
 
@@ -179,6 +180,8 @@ def config_changes(old: Config, new: Config) -> list[str]:
 
     a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
     ignore = set(OPERATIONAL_KEYS)
+    if getattr(new.data, "allow_data_change", False):  # the loader accepts and records data changes itself
+        ignore |= {k for k in set(a) | set(b) if k.startswith("data.")}
     if old.optim.decay_steps is not None and new.optim.decay_steps is not None:
         ignore.add("train.steps")
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
@@ -436,7 +439,8 @@ class Trainer:
                 f"checkpoint {path} was trained with tokenizer sha256 {meta['tokenizer_sha256'][:12]}, this run's "
                 f"tokenizer is {self.data.tokenizer.sha256[:12]}; use the same data.tokenizer settings"
             )
-        if same_stage and meta.get("data_fingerprint") not in (None, self.data.fingerprint):
+        allowed = getattr(self.cfg.data, "allow_data_change", False)  # then the loader records the change
+        if same_stage and not allowed and meta.get("data_fingerprint") not in (None, self.data.fingerprint):
             raise CheckpointError(
                 f"checkpoint {path} was trained on data fingerprint {meta['data_fingerprint'][:12]}, this run's data "
                 f"is {self.data.fingerprint[:12]} (different sources, shards or tokenizer); restore that data or "
