@@ -158,6 +158,17 @@ def _xy(rows: list[dict], key: str, offset: float) -> tuple[list[float], list[fl
     return xs, ys
 
 
+def _robust_ylim(ax, values: list[float]) -> None:
+    """Keep the first steps' loss (tens of nats at init) from flattening the rest of the curve: if the
+    first 5% of points (at least one) reach more than twice the rest, cut the axis above the rest."""
+    vals = [v for v in values if math.isfinite(v)]
+    rest = vals[max(1, len(vals) // 20) :]
+    if rest and max(vals) > 2 * max(rest):
+        ax.set_ylim(top=max(rest) * 1.15)
+        ax.text(0.99, 0.98, f"start {max(vals):.3g} off scale", transform=ax.transAxes, ha="right", va="top",
+                fontsize=7, color="0.4")  # fmt: skip
+
+
 def _mark_structure(ax, series: list[dict[str, Any]]) -> None:
     """Stage boundaries (dashed, labelled), release checkpoints (ticks at the bottom), rollbacks (red lines, at
     the step that triggered them)."""
@@ -207,6 +218,7 @@ def plot_runs(runs: list[Path], out_dir: Path) -> list[Path]:
                 ax.plot([s["offset"] + r["tokens"] for r in sk], [0.98] * len(sk), "v", color="tab:red", ms=4,
                         transform=ax.get_xaxis_transform(), label="skipped step" if i == 0 else None)  # fmt: skip
         _mark_structure(ax, series)
+        _robust_ylim(ax, [y for s in series for y in _xy(s["train"], "loss", 0)[1]])
         ax.set(xlabel="tokens", ylabel="loss (nats)", title="loss")
         ax.legend(fontsize=7)
 
@@ -220,6 +232,8 @@ def plot_runs(runs: list[Path], out_dir: Path) -> list[Path]:
                 ys += y
             ax.plot(xs, ys, "o-", ms=3, label=name)
         _mark_structure(ax, series)
+        _robust_ylim(ax, [max((y for k, y in r.items() if k not in _EVAL_META and isinstance(y, float)), default=0.0)
+                          for s in series for r in s["eval"]])  # fmt: skip
         ax.set(xlabel="tokens", ylabel="held-out loss (nats)", title="held-out loss per source")
         ax.legend(fontsize=7)
 
@@ -242,9 +256,12 @@ def plot_runs(runs: list[Path], out_dir: Path) -> list[Path]:
         "throughput": simple("tok_s", "throughput (tokens/s)"),
     }
     paths = []
+    from matplotlib.ticker import EngFormatter
+
     for name, draw in panels.items():
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         draw(ax)
+        ax.xaxis.set_major_formatter(EngFormatter())
         fig.tight_layout()
         paths.append(out_dir / f"{name}.png")
         fig.savefig(paths[-1])
@@ -252,6 +269,7 @@ def plot_runs(runs: list[Path], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.4), dpi=80)
     for ax, draw in zip(axes.flat, panels.values()):
         draw(ax)
+        ax.xaxis.set_major_formatter(EngFormatter())
     axes.flat[-1].axis("off")
     fig.suptitle(", ".join(str(r) for r in runs), fontsize=9)
     fig.tight_layout()
