@@ -213,11 +213,21 @@ def test_windows_carry_positions_and_document_segments(data):
             assert seg[r] == seg[r - 1] + 1
 
 
+def test_batch_segments_from_eos_equal_the_document_offsets(data):
+    loader = make_loader(data)
+    for step in range(20):
+        for batch in loader.step_batches(step):
+            for r, (s, j) in enumerate(zip(batch.source_index, batch.window_index)):
+                tokens, positions, seg = loader.train[s].window(j)
+                assert np.array_equal(batch.input_ids[r].numpy(), tokens[:-1])
+                assert np.array_equal(batch.positions[r].numpy(), positions)
+                assert np.array_equal(batch.doc_ids[r].numpy(), seg)
+
+
 def test_fim_pad_targets_are_masked(data):
     loader = make_loader(data)
     pad = data.tokenizer.token_id("<|fim_pad|>")
-    rows = [(np.array([5, pad, 6, pad, 7], dtype=np.int64), np.arange(4), np.zeros(4, np.int32))]
-    batch = loader._collate(rows, np.array([0]), [(0, 0, 0)])
+    batch = loader._collate(np.array([[5, pad, 6, pad, 7]], dtype=np.int64), np.array([0]), [(0, 0, 0)])
     assert batch.targets.tolist() == [[IGNORE_INDEX, 6, IGNORE_INDEX, 7]]
 
 

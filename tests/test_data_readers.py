@@ -139,6 +139,9 @@ def test_os_docs_rule_keeps_prose_and_skips_boilerplate(tmp_path):
                        "copyright": "(c) someone\n", "NEWS": "v2: stuff\n", "AUTHORS": "me\n",
                        "page.html": "<p>x</p>\n", "run-me": "#!/bin/sh\necho hi\n"}.items():  # fmt: skip
         (pkg / name).write_text(text)
+    (pkg / "examples").mkdir()
+    (pkg / "examples" / "README").write_text("an example tree\n")
+    (pkg / "Makefile").write_text("all:\n")
     (pkg / "changelog.Debian.gz").write_bytes(gzip.compress(b"pkg (1.0) unstable\n"))
     (pkg / "README.Debian.gz").write_bytes(gzip.compress(b"Debian notes.\n"))
     src = build_source("d", {"type": "os_docs", "path": str(tmp_path / "doc")})

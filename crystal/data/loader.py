@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from crystal.data.prepare import DataError, PreparedData, Split, resolve_fallbacks
-from crystal.tokenizer import ADDED_TOKENS
+from crystal.tokenizer import ADDED_TOKENS, EOS_ID
 
 IGNORE_INDEX = -100
 BLOCK = 1024  # mixture block size K: shares are exact (up to rounding) within every K samples
@@ -70,11 +70,16 @@ class WindowedSplit:
         self.split, self.seq_len = split, seq_len
         self.num_windows = max(0, (len(split) - 1) // seq_len)
 
+    def tokens(self, j: int) -> np.ndarray:
+        """Token ids (S+1,) of window j in the stored dtype (a view when it lies inside one part)."""
+        return self.split.read(j * self.seq_len, (j + 1) * self.seq_len + 1)
+
     def window(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """tokens (S+1,), positions (S,), segment ids (S,) of window j."""
+        """tokens (S+1,) int64, positions (S,), segment ids (S,) of window j, from the document offsets.
+        (Batches derive the same positions and segments from EOS tokens, vectorised: see `segments`.)"""
         s = self.seq_len
         start = j * s
-        tokens = self.split.read(start, start + s + 1)
+        tokens = np.asarray(self.tokens(j), dtype=np.int64)
         offsets = self.split.offsets
         # Document starts that fall strictly inside the window begin new segments.
         lo, hi = np.searchsorted(offsets, [start + 1, start + s], side="left")
@@ -93,6 +98,19 @@ class WindowedSplit:
         first = int(np.searchsorted(offsets, j * s, side="right")) - 1
         last = int(np.searchsorted(offsets, j * s + s, side="right")) - 1  # the target token's doc
         return self.split.doc_ids[first : min(last, self.split.num_docs - 1) + 1]
+
+
+def segments(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (B, S) and document segment ids (B, S) of windows `tokens` (B, S+1).
+
+    Every document in a shard ends with EOS and EOS appears nowhere else (sentencepiece never emits a
+    control id from text), so a document starts after each EOS: the same segments the offsets give."""
+    b, s = tokens.shape[0], tokens.shape[1] - 1
+    starts = np.zeros((b, s), dtype=bool)
+    starts[:, 1:] = tokens[:, : s - 1] == EOS_ID  # (B, S) a new document begins here
+    idx = np.arange(s, dtype=np.int64)
+    seg_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)  # (B, S) start of the current document
+    return idx - seg_start, np.cumsum(starts, axis=1, dtype=np.int32)
 
 
 class Mixture:
@@ -268,18 +286,24 @@ class DataLoader:
 
     def batch_from_samples(self, indices: list[int] | range) -> Batch:
         located = [self.mixture.locate(i) for i in indices]
-        rows = [self.train[s].window(j) for s, j, _ in located]
-        return self._collate(rows, np.asarray(list(indices)), located)
+        return self._collate(self._gather(self.train, located), np.asarray(list(indices)), located)
 
-    def _collate(self, rows: list, indices: np.ndarray, located: list) -> Batch:
-        tokens = torch.from_numpy(np.stack([r[0] for r in rows]))  # (B, S+1)
+    def _gather(self, splits: list[WindowedSplit], located: list) -> np.ndarray:
+        tokens = np.empty((len(located), self.seq_len + 1), dtype=np.int64)  # (B, S+1)
+        for r, (s, j, _) in enumerate(located):
+            tokens[r] = splits[s].tokens(j)
+        return tokens
+
+    def _collate(self, windows: np.ndarray, indices: np.ndarray, located: list) -> Batch:
+        positions, doc_ids = segments(windows)
+        tokens = torch.from_numpy(windows)  # (B, S+1)
         targets = tokens[:, 1:].clone()
         targets[targets == self.fim_pad_id] = IGNORE_INDEX
         return Batch(
             input_ids=tokens[:, :-1].contiguous(),
             targets=targets,
-            positions=torch.from_numpy(np.stack([r[1] for r in rows])),
-            doc_ids=torch.from_numpy(np.stack([r[2] for r in rows])),
+            positions=torch.from_numpy(positions),
+            doc_ids=torch.from_numpy(doc_ids),
             sample_index=indices,
             source_index=np.array([s for s, _, _ in located], dtype=np.int64),
             window_index=np.array([j for _, j, _ in located], dtype=np.int64),
@@ -309,7 +333,7 @@ class DataLoader:
         n = min(split.num_windows, max_batches * self.micro_batch)
         out = []
         for a in range(0, n, self.micro_batch):
-            js = range(a, min(a + self.micro_batch, n))
-            rows = [split.window(j) for j in js]
-            out.append(self._collate(rows, np.full(len(rows), -1), [(s, j, 0) for j in js]))
+            located = [(s, j, 0) for j in range(a, min(a + self.micro_batch, n))]
+            windows = self._gather(self.heldout, located)
+            out.append(self._collate(windows, np.full(len(located), -1), located))
         return out

@@ -288,13 +288,13 @@ class Split:
         return self._whole
 
     def read(self, a: int, b: int) -> np.ndarray:
-        """Tokens [a, b) as int64."""
-        p = int(np.searchsorted(self.part_starts, a, side="right")) - 1
+        """Tokens [a, b) in the stored dtype: a view when they lie inside one part, else a copy."""
+        p = int(self.part_starts.searchsorted(a, side="right")) - 1 if len(self.part_tokens) > 1 else 0
         start = a - int(self.part_starts[p])
         piece = self.part_tokens[p][start : start + (b - a)]
         if len(piece) == b - a or p + 1 >= len(self.part_tokens):
-            return np.asarray(piece, dtype=np.int64)
-        return np.concatenate([np.asarray(piece, dtype=np.int64), self.read(int(self.part_starts[p + 1]), b)])
+            return piece
+        return np.concatenate([piece, self.read(int(self.part_starts[p + 1]), b)])
 
 
 @dataclass
@@ -485,7 +485,10 @@ def load_shard(directory: Path, verify: bool | str = True) -> SourceShards:
         for s, (arrays, ids) in splits.items():
             offsets = np.load(part / f"{s}.idx.npy")
             n = int(offsets[-1])
-            tokens = np.memmap(part / f"{s}.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+            # A plain ndarray over the memory map: slicing a np.memmap costs several microseconds more.
+            tokens = (
+                np.asarray(np.memmap(part / f"{s}.bin", dtype=dtype, mode="r", shape=(n,))) if n else np.zeros(0, dtype)
+            )
             arrays.append((tokens, offsets))
             ids.extend(doc_ids[s])
     train, heldout = (Split(*splits[s]) for s in ("train", "heldout"))
@@ -621,22 +624,52 @@ def main() -> None:
         try:
             cfg = to_dataclass(dcfg)
             data = prepare_data(cfg.data, cfg.model.vocab_size, progress=True)
+            summarize(data)
+            print_plan(data, cfg)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
-        for name, s in data.shards.items():
-            train, held = s.manifest["counts"]["train"], s.manifest["counts"]["heldout"]
-            fim = " (FIM)" if s.manifest["fim"] else ""
-            print(f"{name:>12}: {s.kind}/{s.lang}{fim}: {train['documents']} docs, {train['tokens']} tokens "
-                  f"(+{held['tokens']} held out)")  # fmt: skip
-        for name, reason in data.manifest["missing"].items():
-            print(f"{name:>12}: absent ({reason}); share goes to {data.fallbacks.get(name)}")
-        subs = [a for a, v in data.manifest["subsets"].items() if v["substitute"]]
-        if subs:
-            print(f"substituted subsets: {', '.join(subs)} (see data_manifest.json 'subsets')")
-        print(f"fingerprint {data.fingerprint}")
 
     run()
+
+
+def summarize(data: PreparedData) -> None:
+    for name, s in data.shards.items():
+        train, held = s.manifest["counts"]["train"], s.manifest["counts"]["heldout"]
+        fim = " (FIM)" if s.manifest["fim"] else ""
+        print(f"{name:>12}: {s.kind}/{s.lang}{fim}: {train['documents']} docs, {train['tokens']} tokens "
+              f"(+{held['tokens']} held out)")  # fmt: skip
+    for name, reason in data.manifest["missing"].items():
+        print(f"{name:>12}: absent ({reason}); share goes to {data.fallbacks.get(name)}")
+    subsets = data.manifest["subsets"]
+    if subsets:
+        stand_ins = [a for a, v in subsets.items() if v["substitute"]]
+        same = [a for a in stand_ins if subsets[a]["same_language"]]
+        print(f"CrystalCoder subsets: {len(subsets) - len(stand_ins)} real, {len(stand_ins)} local stand-ins "
+              f"({len(same)} in the same language: {', '.join(same) or '-'}); see data_manifest.json 'subsets'")  # fmt: skip
+    print(f"fingerprint {data.fingerprint}")
+
+
+def print_plan(data: PreparedData, cfg) -> None:
+    """What train.steps x train.global_batch samples take from each source; epoch caps are checked here,
+    before a run, instead of failing at the sample that crosses one."""
+    from crystal.data.loader import DataLoader
+
+    t = cfg.train
+    seq_len = t.seq_len or cfg.model.max_seq_len
+    loader = DataLoader(data, seq_len, t.global_batch, t.micro_batch, t.seed, mixture=cfg.data.source_mixture())
+    n = t.steps * t.global_batch
+    print(f"plan for stage {loader.stage}: {t.steps} steps x {t.global_batch} x {seq_len} tokens")
+    over = []
+    for name, p in loader.mixture.plan(n).items():
+        cap = loader.epochs.get(name)
+        flag = f" (cap {cap:g})" if cap else ""
+        if cap and p["epochs"] > cap:
+            over.append(name)
+            flag += " EXCEEDS THE CAP"
+        print(f"{name:>12}: share {p['share']:.4f}, {p['samples']} samples = {p['epochs']:.3f} epochs{flag}")
+    if over:
+        raise DataError(f"this stage would take {over} past their data.epochs cap; lower their share or steps")
 
 
 if __name__ == "__main__":

@@ -426,16 +426,18 @@ class TextDirSource(FileTreeSource):
 
 # /usr/share/doc rule: prose files only. Kept: names without an extension and .txt .md .rst .text
 # .markdown .org .Debian (README, FAQ, TODO, README.Debian, guides), plain or gzipped. Skipped:
-# changelogs and release notes (changelog*, changes*, news*, history*), legal boilerplate (copyright,
-# copying, licence/license*), contributor lists (authors, thanks, credits, maintainers, contributors),
-# buildinfo, symlinks (duplicates of other packages' docs), scripts (text starting with #!) and files
-# with NUL bytes (binary). HTML, CSS, JavaScript and source code there are not prose (see the html/css
-# text_dir sources in conf/data/local.yaml).
+# changelogs and release notes (changelog*, changes*, news*, history*, anything under RelNotes/),
+# legal boilerplate (copyright, copying, licence/license*), contributor lists (authors, thanks,
+# credits, maintainers, contributors), build files (buildinfo, build_signature*, Makefile*, compat),
+# example trees (examples/), symlinks (duplicates of other packages' docs), scripts (text starting
+# with #!) and files with NUL bytes (binary). HTML, CSS, JavaScript and source code there are not
+# prose (see the html/css text_dir sources in conf/data/local.yaml).
 _OS_DOCS_SKIP = re.compile(
     r"^(changelog|changes|news|history|copyright|copying|licen[cs]e|authors|thanks|credits|maintainers|"
-    r"contributors|buildinfo)",
+    r"contributors|buildinfo|build_signature|makefile|compat$)",
     re.IGNORECASE,
 )
+_OS_DOCS_SKIP_DIRS = re.compile(r"(^|/)(examples?|relnotes)/", re.IGNORECASE)
 _OS_DOCS_EXT = {"", ".txt", ".md", ".rst", ".text", ".markdown", ".org", ".debian"}
 
 
@@ -451,7 +453,9 @@ class OsDocsSource(TextDirSource):
 
     def keep(self, rel: str, path: Path) -> bool:
         base = path.name[:-3] if path.name.endswith(".gz") else path.name
-        return not _OS_DOCS_SKIP.match(base) and os.path.splitext(base)[1].lower() in _OS_DOCS_EXT
+        if _OS_DOCS_SKIP.match(base) or _OS_DOCS_SKIP_DIRS.search(rel):
+            return False
+        return os.path.splitext(base)[1].lower() in _OS_DOCS_EXT
 
     def read_unit(self, unit: Path) -> list[Document]:
         raw = read_bytes(unit)
@@ -494,14 +498,17 @@ class ManPagesSource(FileTreeSource):
             self.count("skipped_man_includes")
             return []
         try:
+            # -rHY=0 -dAD=l: no hyphenation, no justification (words stay whole, single spaces);
+            # -P-cbou: plain text, no overstrike bold/underline or colour escapes.
             out = subprocess.run(
-                ["groff", "-mandoc", "-Tutf8", "-t", "-P-cbou"], input=raw, capture_output=True, timeout=60,
-                env={**os.environ, "LC_ALL": "C.UTF-8"}, check=False,
+                ["groff", "-mandoc", "-Tutf8", "-t", "-rHY=0", "-dAD=l", "-P-cbou"], input=raw, capture_output=True,
+                timeout=60, env={**os.environ, "LC_ALL": "C.UTF-8"}, check=False,
             )  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DataError(f"cannot render man page {unit} with groff: {e}") from None
         text, bad = decode(out.stdout)
-        return [Document(f"{self.name}:{self.relative(unit)}", text.strip("\n") + "\n", bad)]
+        text = re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"  # groff pads sections with blank lines
+        return [Document(f"{self.name}:{self.relative(unit)}", text, bad)]
 
 
 def find_npm_root() -> Path | None:
