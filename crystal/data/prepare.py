@@ -646,7 +646,7 @@ def summarize(data: PreparedData) -> None:
         stand_ins = [a for a, v in subsets.items() if v["substitute"]]
         same = [a for a in stand_ins if subsets[a]["same_language"]]
         print(f"CrystalCoder subsets: {len(subsets) - len(stand_ins)} real, {len(stand_ins)} local stand-ins "
-              f"({len(same)} in the same language: {', '.join(same) or '-'}); see data_manifest.json 'subsets'")  # fmt: skip
+              f"({len(same)} in the same language: {', '.join(same) or '-'}); manifest 'subsets'")  # fmt: skip
     print(f"fingerprint {data.fingerprint}")
 
 
