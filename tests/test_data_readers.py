@@ -283,3 +283,16 @@ def test_interrupted_prepare_keeps_finished_parts_and_resumes(tmp_path, tokenize
     split = shard.train
     edge = int(split.part_starts[1])
     assert split.read(edge - 3, edge + 3).tolist() == split.tokens[edge - 3 : edge + 3].tolist()
+
+
+def test_crystalcoder_template_without_the_data_is_one_clear_error(tmp_path, monkeypatch):
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("CRYSTAL_SLIMPAJAMA", str(tmp_path / "no_slimpajama"))
+    monkeypatch.setenv("CRYSTAL_STARCODER", str(tmp_path / "no_starcoder"))
+    cfg = compose_config(["data=crystalcoder", "model=crystalcoder_7b", "+stage=2"])
+    assert cfg.data.sources["sp1_c4"].file_mod == [2, 1] and cfg.data.sources["sp1_c4"].set_names == ["RedPajamaC4"]
+    with pytest.raises(
+        DataError, match=r"data source '(starcoder|sp1_\w+)': .*no_(starcoder|slimpajama).* does not exist"
+    ):
+        prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
