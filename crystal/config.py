@@ -281,13 +281,14 @@ class AnalysisConfig:
     loss_sequences: int = 64  # per (checkpoint, chunk) for the forgetting table; 0 = skip it
     eval_batches: int = 4  # held-out batches per source (as train.eval_batches); 0 = skip held-out loss
     curves: int = 6  # checkpoints drawn in the by-chunk and histogram views
+    threads: int = 0  # torch CPU threads for the command; 0 = torch's default (1 is fastest for tiny models)
     progress: bool = True
 
     def __post_init__(self) -> None:
         for key in ("sequences", "prompt_tokens", "generate_tokens", "batch_size", "curves"):
             if getattr(self, key) < 1:
                 raise ValueError(f"analysis.{key}={getattr(self, key)} must be at least 1")
-        for key in ("loss_sequences", "eval_batches"):
+        for key in ("loss_sequences", "eval_batches", "threads"):
             if getattr(self, key) < 0:
                 raise ValueError(f"analysis.{key}={getattr(self, key)} must be >= 0 (0 skips it)")
 

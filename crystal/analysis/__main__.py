@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -33,6 +34,8 @@ def run(command: str, paths: list[str], out: Path, acfg: AnalysisConfig) -> dict
     from crystal.analysis import evaluation, memorization
     from crystal.analysis.timeline import build_timeline
 
+    if acfg.threads:
+        torch.set_num_threads(acfg.threads)
     timeline = build_timeline(paths).select(acfg.checkpoints)
     print(f"{len(timeline.checkpoints)} checkpoints x {len(timeline.chunks)} chunks from {', '.join(paths)}")
     files: dict[str, Path] = {}
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("memorization", "evaluate", "all"))
     parser.add_argument("paths", nargs="+", help="run or release directories, then key=value overrides")
     parser.add_argument("--out", help="output directory (default: <first path>/analysis)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     paths = [p for p in args.paths if "=" not in p]
     overrides = [p for p in args.paths if "=" in p]
     try:

@@ -214,8 +214,8 @@ def _add_run(tl: Timeline, path: Path) -> None:
     step0 = tl.checkpoints[-1].global_step if tl.checkpoints else 0
     tok0 = tl.checkpoints[-1].global_tokens if tl.checkpoints else 0
     prev_stage = tl.checkpoints[-1].stage if tl.checkpoints else None
-    manifest = path / "manifest.json"
-    if (path / "checkpoints").is_dir() and not manifest.is_file():
+    is_release = (path / "manifest.json").is_file() or next(path.rglob("train_*.jsonl"), None) is not None
+    if not is_release:
         ckpts = list_checkpoints(path)
         if not ckpts:
             raise AnalysisError(f"run directory {path} holds no complete checkpoint")
