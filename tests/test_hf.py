@@ -44,6 +44,15 @@ LLM360_CONFIG = {
 }  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one intra-op thread is 10-40x faster than two fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def perturbed_model(cfg: ModelConfig, seed: int = 3):
     """A model whose norms and biases are not 1/0, so a mix-up of any of them shows in the logits."""
     model = build_model(cfg, seed=seed)
@@ -271,6 +280,14 @@ def test_import_says_what_does_not_match(tmp_path, change, message):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_only_crystalcoder_family_models_export():
+    with pytest.raises(hf.HFError, match="not a CrystalCoder-family model.*rmsnorm.*bias=false.*rope_interleaved"):
+        hf.check_exportable(ModelConfig.from_name("amber_7b"))
+    hf.check_exportable(ModelConfig.from_name("crystalcoder_7b"))
+    cfg = hf.model_config_from_hf(hf.hf_config(ModelConfig.from_name("crystalcoder_7b"), {}), "7b")
+    assert cfg.name == "crystalcoder_7b" and cfg.num_params() == 6_575_278_720
+
+
 def test_autotokenizer_round_trips_text_and_special_tokens(exported):
     tok = transformers.AutoTokenizer.from_pretrained(exported["dir"], trust_remote_code=True)
     ours = Tokenizer(exported["tok"], exported["cfg"].vocab_size)
@@ -305,6 +322,7 @@ def test_cli_exports_a_run_and_imports_it_back(exported, tmp_path, capsys):
     assert hf.main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 1
 
 
+@pytest.mark.slow
 def test_an_imported_checkpoint_continues_training_in_crystal(fast_config, tmp_path):
     from crystal.checkpoint import find_latest
     from crystal.trainer import Trainer

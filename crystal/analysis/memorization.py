@@ -121,7 +121,7 @@ def memorization(timeline: Timeline, acfg: AnalysisConfig) -> MemorizationTable:
     length = acfg.prompt_tokens + acfg.generate_tokens
     seqs, positions = chunk_sequences(timeline, acfg, length)
     k_n, c_n = len(timeline.checkpoints), len(timeline.chunks)
-    counts = np.full((k_n, c_n, acfg.sequences), -1, dtype=np.int64)
+    counts = np.full((k_n, c_n, acfg.sequences), -1, dtype=np.int16)  # 0..G matched, -1 = no sequence
     total = k_n * sum(len(s) for s in seqs)
     with tqdm(total=total, desc="memorization", unit="seq", disable=not acfg.progress, dynamic_ncols=True) as bar:
         for k, ref in enumerate(timeline.checkpoints):
