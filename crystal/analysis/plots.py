@@ -29,7 +29,7 @@ def heatmap(values: np.ndarray, rows: list[str], cols: list[str], path: Path, ti
             seen: np.ndarray | None = None, vmin=None, vmax=None, cmap: str = "viridis") -> Path:  # fmt: skip
     """values (rows, cols): one cell per (checkpoint, chunk); cells not yet trained on are hatched."""
     k, c = values.shape
-    fig, ax = plt.subplots(figsize=(min(16, 3 + 0.45 * c), min(12, 2 + 0.4 * k)))
+    fig, ax = plt.subplots(figsize=(min(16, max(7, 3 + 0.45 * c)), min(12, max(4, 2 + 0.4 * k))))
     im = ax.imshow(values, aspect="auto", origin="upper", vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest")
     if seen is not None and (~seen).any():
         ys, xs = np.nonzero(~seen)
@@ -88,10 +88,12 @@ def recency(steps_since: np.ndarray, values: np.ndarray, rows: list[str], path: 
     not-yet-seen pairs is the baseline."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     seen = ~np.isnan(steps_since)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(rows)))  # early checkpoints dark, late ones light
     for k, label in enumerate(rows):
         if seen[k].any():
             order = np.argsort(steps_since[k][seen[k]])
-            ax.plot(steps_since[k][seen[k]][order], values[k][seen[k]][order], marker="o", ms=3, lw=1, label=label)
+            ax.plot(steps_since[k][seen[k]][order], values[k][seen[k]][order], marker="o", ms=3, lw=1, label=label,
+                    color=colors[k])  # fmt: skip
     if (~seen).any() and np.isfinite(values[~seen]).any():
         ax.axhline(np.nanmean(values[~seen]), color="gray", ls="--", label="chunks not yet seen (mean)")
     ax.set_xlabel("steps since the chunk was trained on")
