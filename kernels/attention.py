@@ -31,9 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import autotune_configs, check_device, dot_precision, last_dim_contiguous
+from kernels.triton_utils import INTERPRET, autotune_configs, check_device, dot_precision, last_dim_contiguous
 
 LOG2E = math.log2(math.e)
+
+
+def _fp32_safe(config: triton.Config):
+    """fp32 tiles are twice the bytes: autotune 16-bit inputs over the fast configs, fp32 (tests) over one
+    small config that fits shared memory whatever the head dim."""
+
+    def prune(configs, named_args, **kwargs):
+        return [config] if named_args["Q"].element_size() == 4 else configs
+
+    return None if INTERPRET else {"early_config_prune": prune}
+
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -85,6 +96,7 @@ def _fwd_inner(
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     ),
     key=["seq_len", "HEAD_DIM", "HAS_DOC"],
+    prune_configs_by=_fp32_safe(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)),
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -210,12 +222,13 @@ def _bwd_dkdv_inner(
     configs=autotune_configs(
         [
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         ],
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     ),
     key=["seq_len", "HEAD_DIM", "HAS_DOC"],
+    prune_configs_by=_fp32_safe(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)),
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -316,12 +329,13 @@ def _bwd_dq_inner(
     configs=autotune_configs(
         [
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         ],
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     ),
     key=["seq_len", "HEAD_DIM", "HAS_DOC"],
+    prune_configs_by=_fp32_safe(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)),
 )
 @triton.jit
 def _attn_bwd_dq_kernel(
