@@ -107,8 +107,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535
+    pid_m = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -164,8 +164,8 @@ def _bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """delta_i = sum_d dO_id * O_id - dLSE_i (fp32): the row term of dS = P * (dP - delta)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535
+    pid_m = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -240,8 +240,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program per key block: dV = P^T dO, dK = scale * dS^T Q over the query blocks that see it."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     n0 = pid_n * BLOCK_N
@@ -347,8 +347,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program per query block: dQ = scale * dS K over the key blocks it sees."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535
+    pid_m = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -455,7 +455,7 @@ def attention_forward(
     out = _empty_bshd_view(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     doc, first, _, stride_db = _prepare_doc(doc_ids, b, s, q.device)
-    grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * h)  # noqa: E731
+    grid = lambda meta: (b * h, triton.cdiv(s, meta["BLOCK_M"]))  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, doc, first,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
@@ -487,21 +487,21 @@ def attention_backward(
 
     delta = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     dlse = grad_lse.contiguous() if grad_lse is not None else delta  # placeholder pointer when absent
-    _bwd_delta_kernel[(triton.cdiv(s, 64), b * h)](
+    _bwd_delta_kernel[(b * h, triton.cdiv(s, 64))](
         out, grad_out, dlse, delta, out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), h, s,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_DLSE=grad_lse is not None, BLOCK_M=64,
     )  # fmt: skip
 
     dq, dk, dv = _empty_bshd_view(q), _empty_bshd_view(k), _empty_bshd_view(v)
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * h)](
+    _attn_bwd_dkdv_kernel[lambda meta: (b * h, triton.cdiv(s, meta["BLOCK_N"]))](
         q, k, v, grad_out, dk, dv, lse, delta, doc, last,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1),
         dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_db, h, s, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_DOC=has_doc, DOT_PRECISION=precision,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * h)](
+    _attn_bwd_dq_kernel[lambda meta: (b * h, triton.cdiv(s, meta["BLOCK_M"]))](
         q, k, v, grad_out, dq, lse, delta, doc, first,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1),

@@ -10,7 +10,7 @@ from crystal.config import ModelConfig
 from crystal.model import build_model
 from tests.kernels.helpers import DEVICE, assert_close, positions_from_docs, random_doc_ids
 
-B, S = 2, 48
+B, S = 2, 32
 
 
 def _pair(n_layer=2, **overrides):
