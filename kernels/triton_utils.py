@@ -20,8 +20,10 @@ def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config) -> li
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get IEEE products (the torch reference does not use TF32 either); 16-bit ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs: 3xTF32 on tensor cores, about fp32-accurate (the torch reference does not use TF32).
+    Plain IEEE fp32 dots fall back to FMA loops that spill kilobytes of registers per thread in the attention
+    backward when compiled for sm_90 (checked with bench/compile_sm90.py). 16-bit inputs ignore the setting."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def check_device(*tensors: torch.Tensor) -> None:
