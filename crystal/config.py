@@ -139,9 +139,9 @@ MODEL_REGISTRY: dict[str, dict[str, Any]] = {
     # A few tens of millions of parameters: the CPU streaming and checkpoint benchmarks' model.
     "small": _crystal(vocab_size=32032, n_layer=8, d_model=512, max_seq_len=1024),
     "1b": _crystal(vocab_size=32032, n_layer=24, d_model=2048, max_seq_len=2048),
-    # LLM360/crystalcoder-train finetune/Megatron-LM/CrystalCoder config == HF LLM360/Crystal config.json:
-    # n_layer 32, n_embd 4096, n_head 32, n_inner 10922, vocab 32032, rotary 25% GPT-J style, theta 10000,
-    # mup_embeddings_scale 14.6, mup_output_alpha 2.22, mup_width_scale 0.0625, scale_attn_by 1/d_head.
+    # LLM360/crystalcoder-train finetune/Megatron-LM/CrystalCoder config (same as HF LLM360/Crystal):
+    # 32 layers, width 4096, 32 heads, SwiGLU 10922, vocab 32032, rotary 25% GPT-J style, theta 10000,
+    # muP embedding scale 14.6, output alpha 2.22, width scale 0.0625, attention scores / head_dim.
     "crystalcoder_7b": _crystal(vocab_size=32032, n_layer=32, d_model=4096, max_seq_len=2048),
     # LLM360/Amber (HF LLM360/Amber config.json): LLaMA-7B shape, no muP, untied, no biases, RMSNorm.
     "amber_7b": dict(
