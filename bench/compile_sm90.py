@@ -92,7 +92,7 @@ def check_rope(dt: str) -> None:
         for rotary_only, block_d, block_t in ((False, 128, 1), (True, 32, 4)):
             constexprs = dict(HEAD_DIM=32 if rotary_only else 128, ROTARY_DIMS=32, INTERLEAVED=interleaved,
                               BACKWARD=False, BLOCK_T=block_t, BLOCK_H=32, BLOCK_D=block_d)  # fmt: skip
-            compile_one(rope._rope_kernel, pointers, constexprs, 4, 3,
+            compile_one(rope._rope_kernel, pointers, constexprs, 8, 3,
                         f"rope {dt} interleaved={interleaved} in_place={rotary_only}")  # fmt: skip
 
 

@@ -86,10 +86,13 @@ def retained_mb(fn: Callable[[], object]) -> tuple[object, float | None]:
 _COMPILED: dict[object, Callable] = {}
 
 
-def compiled(fn: Callable) -> Callable:
-    """torch.compile'd reference (one compile per function per process), or a skip when disabled."""
+def compiled(fn: Callable, main_shape: bool = True) -> Callable:
+    """torch.compile'd reference (one compile per function per process), or a skip when disabled. Only at
+    an op's main shape: each new shape recompiles, and compile time would dominate the GPU run."""
     if not COMPILE:
         pytest.skip("CRYSTAL_BENCH_COMPILE=0")
+    if not main_shape:
+        pytest.skip("compiled reference runs at the main (first) shape only: each shape recompiles")
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn)
     return _COMPILED[fn]

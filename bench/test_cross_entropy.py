@@ -19,7 +19,7 @@ CASES = GPU_CASES if ON_GPU else CPU_CASES
 IMPLS = ["triton", "reference", "reference_compiled", "liger"]
 
 
-def _loss_fn(impl):
+def _loss_fn(impl, main_shape):
     if impl == "triton":
         from kernels.cross_entropy import linear_cross_entropy
 
@@ -28,7 +28,11 @@ def _loss_fn(impl):
         mod = liger("ops.fused_linear_cross_entropy")
         # Liger's softcap/scale options differ by version; scale the input instead (same logits).
         return lambda x, w, t: mod.LigerFusedLinearCrossEntropyFunction.apply(x * LOGITS_SCALE, w, t)[0]
-    ref = compiled(reference.linear_cross_entropy) if impl == "reference_compiled" else reference.linear_cross_entropy
+    ref = (
+        compiled(reference.linear_cross_entropy, main_shape)
+        if impl == "reference_compiled"
+        else reference.linear_cross_entropy
+    )
     return lambda x, w, t: ref(x, w, t, logits_scale=LOGITS_SCALE)
 
 
@@ -42,7 +46,7 @@ def test_linear_cross_entropy(case, impl):
     w = (torch.randn(v, c, device=DEVICE, dtype=dtype) * 0.02).requires_grad_()
     targets = torch.randint(0, v, (n,), device=DEVICE)
     targets[::50] = -100
-    fn = _loss_fn(impl)
+    fn = _loss_fn(impl, case == CASES[0])
     step = lambda: torch.autograd.grad(fn(x, w, targets), [x, w])  # noqa: E731
     try:
         step()

@@ -151,7 +151,7 @@ def rope_apply(
         stride_pb, pos.stride(-1), n_tokens, s, h,
         HEAD_DIM=rotary_dims if rotary_only else d, ROTARY_DIMS=rotary_dims, INTERLEAVED=interleaved,
         BACKWARD=backward, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=4 if block_t * block_h * block_d <= 4096 else 8,
+        num_warps=4 if block_t * block_h * block_d < 4096 else 8,
     )  # fmt: skip
 
 
