@@ -110,7 +110,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535
-    pid_m = tl.program_id(1)
+    # Causal work grows with the query block: launch the last (heaviest) blocks first, less tail idling.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -350,7 +351,7 @@ def _attn_bwd_dq_kernel(
 ):  # fmt: skip
     """One program per query block: dQ = scale * dS K over the key blocks it sees."""
     pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is capped at 65535
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest query blocks first
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     m0 = pid_m * BLOCK_M
