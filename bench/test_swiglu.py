@@ -48,14 +48,15 @@ def test_swiglu_mlp(case, impl):
     params = [torch.randn(*shape, device=DEVICE, dtype=dtype).mul_(0.02).requires_grad_()
               for shape in ((f, c), (f,), (f, c), (f,), (c, f), (c,))]  # fmt: skip
     fn = _mlp(impl, case == CASES[0])
-    try:
+    inputs = [x, *params]
+    try:  # one forward and backward first: an optional implementation may not run here
         out, saved = retained_mb(lambda: fn(x, params))
-    except Exception as e:  # noqa: BLE001 - an optional implementation we cannot run here
+        grad_out = torch.randn_like(out)
+        torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    except Exception as e:  # noqa: BLE001
         pytest.skip(f"{impl} failed here: {str(e).splitlines()[0][:200]}")
     shape = f"N{n} C{c} F{f}"
     flops = 6.0 * n * c * f
-    inputs = [x, *params]
-    grad_out = torch.randn_like(out)
     if saved is not None:
         record("swiglu", op="mlp.saved", shape=shape, dtype=str(dtype).removeprefix("torch."), impl=impl, ms=0.0,
                rate=saved, unit="MB saved by forward")  # fmt: skip

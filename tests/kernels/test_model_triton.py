@@ -13,7 +13,7 @@ from tests.kernels.helpers import DEVICE, assert_close, positions_from_docs, ran
 B, S = 2, 32
 
 
-def _pair(n_layer=2, **overrides):
+def _pair(n_layer=1, **overrides):
     torch_model = build_model(ModelConfig.from_name("tiny", n_layer=n_layer, **overrides), device=DEVICE, seed=1)
     triton_model = build_model(
         ModelConfig.from_name("tiny", n_layer=n_layer, ops="triton", **overrides), device=DEVICE, seed=1
@@ -61,7 +61,7 @@ def test_triton_ops_match_torch_ops_on_the_tiny_model():
 def test_triton_ops_run_under_torch_compile_as_opaque_ops():
     """fullgraph=True: no graph breaks, so every kernel is a custom op with a working fake implementation.
     aot_eager traces forward and backward through the fakes without compiling C++ (CPU CI)."""
-    _, triton_model = _pair(n_layer=1)
+    _, triton_model = _pair()
     batch = _batch(triton_model.cfg.vocab_size)
     eager = _loss_and_grads(triton_model, batch)
     backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
