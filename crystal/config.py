@@ -162,17 +162,44 @@ class TokenizerConfig:
     sample_mb: float = 6.0  # MB of text sampled (evenly over sources) to train on
     seed: int = 1
 
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:  # 256 byte-fallback pieces + unk/bos/eos + some merges
+            raise ValueError(f"data.tokenizer.vocab_size={self.vocab_size} is too small; use at least 300")
+        if self.sample_mb <= 0:
+            raise ValueError(f"data.tokenizer.sample_mb={self.sample_mb} must be > 0")
+
 
 @dataclass
 class SourceConfig:
-    """One named document source; `type` picks the reader in crystal.data.sources."""
+    """One named document source; `type` picks the reader in crystal.data.sources (README "Data" lists
+    which options each reader takes; setting one a reader does not use is an error)."""
 
     type: str = "python_stdlib"
     kind: str | None = None  # code | english (readers of local corpora know their own)
-    lang: str | None = None
+    lang: str | None = None  # language/subset tag recorded in the manifest (python, javascript, en, ...)
     path: str | None = None  # file or directory for file-based readers
-    max_mb: float | None = None  # cap on raw text read (deterministic subset)
+    max_mb: float | None = None  # cap on raw bytes read (deterministic subset of files)
+    max_docs: int | None = None  # cap on files read (deterministic subset; man pages render slowly)
     include_tests: bool = False  # python_stdlib: also read Lib/test
+    include: list[str] | None = None  # glob patterns (file name or relative path) a file must match
+    exclude: list[str] | None = None  # glob patterns that drop a file
+    file_mod: list[int] | None = None  # [m, r]: keep files whose name's last number is r mod m (SlimPajama halves)
+    text_field: str | None = None  # jsonl/starcoder: the record field holding the text (text | content)
+    set_names: list[str] | None = None  # jsonl: keep records whose meta.redpajama_set_name is one of these
+    languages: list[str] | None = None  # starcoder: keep these languages (lang_field, else the parent folder)
+    lang_field: str | None = None  # starcoder: record field naming the language
+    max_line_chars: int = 10000  # documents with a longer line are skipped (counted); 0 = no limit
+    fim: bool | None = None  # apply data.fim_rate to this source; None = only if kind is code
+    optional: bool = False  # absent on this machine -> recorded in the manifest, its share goes to `fallback`
+    fallback: str | None = None  # source that takes this one's mixture share when it is absent
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in ("code", "english"):
+            raise ValueError(f"data.sources.*.kind={self.kind!r}: use 'code' or 'english'")
+        if self.file_mod is not None and (len(self.file_mod) != 2 or not 0 <= self.file_mod[1] < self.file_mod[0]):
+            raise ValueError(f"data.sources.*.file_mod={self.file_mod}: use [modulus, remainder] with 0 <= r < m")
+        if self.max_line_chars < 0:
+            raise ValueError(f"data.sources.*.max_line_chars={self.max_line_chars} must be >= 0 (0 = no limit)")
 
 
 @dataclass
@@ -182,40 +209,71 @@ class DataConfig:
     # conf/data/*.yaml names the sources.
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     # Token shares by source or by alias; empty = proportional to each source's size. Stage files name
-    # CrystalCoder's subsets (sp_commoncrawl, starcoder, sc_python, ...); `aliases` maps those onto
+    # CrystalCoder's subsets (sp0_commoncrawl, starcoder, sc_python, ...); `aliases` maps those onto
     # this data config's sources (several subsets may share one local source: their shares add up).
     mixture: dict[str, float] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    # Most passes over a source's training windows this stage may take (by source or alias); going past
+    # it is an error naming the source. Empty = sources cycle through fresh permutations as needed.
+    epochs: dict[str, float] = field(default_factory=dict)
+    stage: int = 0  # set from train.stage (conf/config.yaml); the sample order is seeded by it
     fim_rate: float = 0.0  # fill-in-the-middle probability per code document
     fim_spm_rate: float = 0.5  # share of FIM documents in SPM (vs PSM) order
+    fim_seed: int = 0  # FIM decisions are a function of (fim_seed, document id)
     cache_dir: str = "~/.cache/crystal"  # tokenizer and token shards; env CRYSTAL_CACHE overrides
     heldout_fraction: float = 0.02  # documents (by hash of their id) kept out of training for eval
     num_workers: int = 0  # tokenizer processes for prepare; 0 = one per core
+    part_mb: float = 64.0  # a source's shard is written in parts of about this many MB of input: resumable
+    verify: str = "full"  # on load: full = re-hash every shard file; size = check sizes only (huge data)
+    allow_data_change: bool = False  # resume although fingerprint/mixture/stage differ (recorded in the loader)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self) -> None:
         bad_alias = sorted(a for a, target in self.aliases.items() if target not in self.sources)
         if bad_alias:
             raise ValueError(f"data.aliases {bad_alias} point at sources not in data.sources {sorted(self.sources)}")
-        unknown = sorted(set(self.mixture) - set(self.sources) - set(self.aliases))
-        if unknown:
-            raise ValueError(
-                f"data.mixture names unknown source(s) {unknown}; sources are {sorted(self.sources)}, "
-                f"aliases {sorted(self.aliases)}"
-            )
+        for key, what in ((self.mixture, "mixture"), (self.epochs, "epochs")):
+            unknown = sorted(set(key) - set(self.sources) - set(self.aliases))
+            if unknown:
+                raise ValueError(
+                    f"data.{what} names unknown source(s) {unknown}; sources are {sorted(self.sources)}, "
+                    f"aliases {sorted(self.aliases)}"
+                )
         if any(w < 0 for w in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
             raise ValueError(f"data.mixture weights must be >= 0 with a positive sum, got {dict(self.mixture)}")
+        if any(e is not None and e <= 0 for e in self.epochs.values()):
+            raise ValueError(f"data.epochs must be > 0 (or null for no limit), got {dict(self.epochs)}")
+        for name, src in self.sources.items():
+            fallback = src.fallback if not isinstance(src, dict) else src.get("fallback")
+            if fallback is not None and fallback not in self.sources:
+                raise ValueError(f"data.sources.{name}.fallback={fallback!r} is not a source; sources are "
+                                 f"{sorted(self.sources)}")  # fmt: skip
+        for key in ("fim_rate", "fim_spm_rate", "heldout_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"data.{key}={getattr(self, key)} must be in [0, 1]")
+        if self.part_mb <= 0:
+            raise ValueError(f"data.part_mb={self.part_mb} must be > 0")
+        if self.verify not in ("full", "size"):
+            raise ValueError(f"data.verify={self.verify!r}: use 'full' (re-hash shards) or 'size'")
+
+    def _by_source(self, values: dict[str, float], combine) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, v in values.items():
+            name = self.aliases.get(key, key)
+            out[name] = combine(out[name], float(v)) if name in out else float(v)
+        return out
 
     def source_mixture(self) -> dict[str, float]:
         """The mixture over this config's sources (aliases resolved, shares summed, normalised)."""
         if not self.mixture:
             return {}
-        out: dict[str, float] = {}
-        for key, w in self.mixture.items():
-            name = self.aliases.get(key, key)
-            out[name] = out.get(name, 0.0) + float(w)
+        out = self._by_source(self.mixture, lambda a, b: a + b)
         total = sum(out.values())
         return {n: w / total for n, w in sorted(out.items())}
+
+    def source_epochs(self) -> dict[str, float]:
+        """Epoch caps by source (aliases resolved; several subsets on one source: the largest cap)."""
+        return dict(sorted(self._by_source({k: v for k, v in self.epochs.items() if v is not None}, max).items()))
 
 
 @dataclass
@@ -291,6 +349,33 @@ class ScaleConfig:
 @dataclass
 class BackendConfig:
     name: str = "resident"  # resident | streaming | cerebras
+
+
+@dataclass
+class AnalysisConfig:
+    """`python -m crystal.analysis`: Analysis360 memorization and per-chunk / per-source evaluation of a run
+    or release. Defaults in conf/analysis/default.yaml; override on the command line as key=value."""
+
+    sequences: int = 1000  # per (checkpoint, chunk), sampled with `seed` (Analysis360: 1000)
+    prompt_tokens: int = 32  # memorization prompt: tokens 0..31 of each sampled sequence
+    generate_tokens: int = 32  # greedily decoded and compared with tokens 32..63
+    seed: int = 0  # which sequences are sampled from each chunk (the same for every checkpoint)
+    batch_size: int = 64  # sequences decoded / scored at once
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    checkpoints: list[int] | None = None  # steps to analyse; null = every checkpoint
+    loss_sequences: int = 64  # per (checkpoint, chunk) for the forgetting table; 0 = skip it
+    eval_batches: int = 4  # held-out batches per source (as train.eval_batches); 0 = skip held-out loss
+    curves: int = 6  # checkpoints drawn in the by-chunk and histogram views
+    threads: int = 0  # torch CPU threads for the command; 0 = torch's default (1 is fastest for tiny models)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("sequences", "prompt_tokens", "generate_tokens", "batch_size", "curves"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"analysis.{key}={getattr(self, key)} must be at least 1")
+        for key in ("loss_sequences", "eval_batches", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"analysis.{key}={getattr(self, key)} must be >= 0 (0 skips it)")
 
 
 @dataclass

@@ -3,6 +3,8 @@
 Ids: unk 0, bos 1, eos 2, no pad; the sentencepiece pieces are 0..base-1; the added tokens sit at
 base+0 .. base+21 in the order below (base = 32000 for LLaMA's tokenizer, so <|fim_prefix|> = 32000);
 rows from base+22 up to the model's vocab_size are unused padding (CrystalCoder: 10 rows, 32032).
+The rule holds for any sentencepiece model, trained here or loaded (data.tokenizer.path): LLaMA's
+32000-piece model puts <|fim_prefix|> at 32000 and <|sys_end|> at 32021.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ TRAINER_OPTIONS = dict(
     split_digits=True,
     allow_whitespace_only_pieces=True,
     remove_extra_whitespaces=False,
+    # LLaMA's model adds a dummy "\u2581" before every encoded string, so decode(encode(a) + encode(b))
+    # gains a space between a and b. FIM encodes prefix, middle and suffix separately and SPM puts
+    # prefix and middle side by side: without the dummy prefix the concatenation decodes exactly.
+    add_dummy_prefix=False,
     normalization_rule_name="identity",
     character_coverage=0.9999,
     unk_id=UNK_ID,

@@ -24,6 +24,10 @@ CONF_DIR = CONFIG_DIR
 FAST_DATA = [
     "data.sources.python.max_mb=1.5",
     "data.sources.english.max_mb=1.5",
+    "data.sources.docs.max_mb=0.4",
+    "data.sources.man.max_docs=6",
+    "data.sources.javascript.max_mb=0.4",
+    "data.sources.html.max_mb=0.3",
     "data.tokenizer.vocab_size=1000",
     "data.tokenizer.sample_mb=1.0",
     "train.progress=false",
@@ -56,3 +60,16 @@ def fast_config(tmp_path: Path):
         return compose_config([*FAST_DATA, f"train.out_dir={tmp_path / 'outputs'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 400-piece tokenizer trained in about a second on a few standard-library modules (for tests of
+    readers and FIM that need some tokenizer, not the corpus's)."""
+    from crystal.data.sources import _stdlib_py_files, read_text
+    from crystal.tokenizer import train_sentencepiece
+
+    lines = [line for f in _stdlib_py_files()[:30] for line in read_text(f).split("\n") if line.strip()]
+    path = tmp_path_factory.mktemp("small_tokenizer") / "t.model"
+    train_sentencepiece(iter(lines), path, 400, seed=1)
+    return path

@@ -1,15 +1,17 @@
-"""Packed, mixed, resumable batches whose order is a pure function of (data fingerprint, seed).
+"""Packed, mixed, resumable batches whose order is a pure function of (data fingerprint, stage, seed).
 
 Each source's training stream (documents, each followed by EOS) is cut into windows of S+1 tokens
 with stride S (inputs = window[:-1], targets = window[1:]). A mixture turns a global sample index i
 into (source, window) without looking at any other index:
 
-    block b = i // K holds round(K * w_s) samples of source s, in an order shuffled by (seed, fp, b);
+    block b = i // K holds round(K * w_s) samples of source s, in an order shuffled by (seed, fp, stage, b);
     the m-th sample of source s is window perm_{s,e}[m mod N_s], e = m // N_s being its epoch, and
-    perm_{s,e} a permutation seeded by (seed, fp, s, e).
+    perm_{s,e} a permutation seeded by (seed, fp, stage, s, e).
 
 So the batch at any step is computable directly (no replay), resume needs only the next sample
-index, and a changed fingerprint or mixture changes the order (and is refused on resume).
+index, and a changed fingerprint, stage or mixture changes the order (and is refused on resume unless
+data.allow_data_change=true, which is then recorded in the loader state). A source with an epoch cap
+(data.epochs) raises a DataError naming it when the order would take it past the cap.
 
 Shapes: B sequences per micro-batch, S sequence length.
 """
@@ -24,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from crystal.data.prepare import DataError, PreparedData, Split
-from crystal.tokenizer import ADDED_TOKENS
+from crystal.data.prepare import DataError, PreparedData, Split, resolve_fallbacks
+from crystal.tokenizer import ADDED_TOKENS, EOS_ID
 
 IGNORE_INDEX = -100
 BLOCK = 1024  # mixture block size K: shares are exact (up to rounding) within every K samples
@@ -66,13 +68,18 @@ class WindowedSplit:
 
     def __init__(self, split: Split, seq_len: int) -> None:
         self.split, self.seq_len = split, seq_len
-        self.num_windows = max(0, (len(split.tokens) - 1) // seq_len)
+        self.num_windows = max(0, (len(split) - 1) // seq_len)
+
+    def tokens(self, j: int) -> np.ndarray:
+        """Token ids (S+1,) of window j in the stored dtype (a view when it lies inside one part)."""
+        return self.split.read(j * self.seq_len, (j + 1) * self.seq_len + 1)
 
     def window(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """tokens (S+1,), positions (S,), segment ids (S,) of window j."""
+        """tokens (S+1,) int64, positions (S,), segment ids (S,) of window j, from the document offsets.
+        (Batches derive the same positions and segments from EOS tokens, vectorised: see `segments`.)"""
         s = self.seq_len
         start = j * s
-        tokens = np.asarray(self.split.tokens[start : start + s + 1], dtype=np.int64)
+        tokens = np.asarray(self.tokens(j), dtype=np.int64)
         offsets = self.split.offsets
         # Document starts that fall strictly inside the window begin new segments.
         lo, hi = np.searchsorted(offsets, [start + 1, start + s], side="left")
@@ -93,16 +100,34 @@ class WindowedSplit:
         return self.split.doc_ids[first : min(last, self.split.num_docs - 1) + 1]
 
 
+def segments(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (B, S) and document segment ids (B, S) of windows `tokens` (B, S+1).
+
+    Every document in a shard ends with EOS and EOS appears nowhere else (sentencepiece never emits a
+    control id from text), so a document starts after each EOS: the same segments the offsets give."""
+    b, s = tokens.shape[0], tokens.shape[1] - 1
+    starts = np.zeros((b, s), dtype=bool)
+    starts[:, 1:] = tokens[:, : s - 1] == EOS_ID  # (B, S) a new document begins here
+    idx = np.arange(s, dtype=np.int64)
+    seg_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)  # (B, S) start of the current document
+    return idx - seg_start, np.cumsum(starts, axis=1, dtype=np.int32)
+
+
 class Mixture:
     """Global sample index -> (source index, window index), as described in the module docstring."""
 
-    def __init__(self, names: list[str], weights: list[float], sizes: list[int], seed: int, fingerprint: str):
+    def __init__(
+        self, names: list[str], weights: list[float], sizes: list[int], seed: int, fingerprint: str, stage: int = 0,
+        epochs: list[float | None] | None = None,
+    ) -> None:  # fmt: skip
         if any(n == 0 for n, w in zip(sizes, weights) if w > 0):
             empty = [name for name, n, w in zip(names, sizes, weights) if n == 0 and w > 0]
             raise DataError(f"source(s) {empty} have no full training window; lower the sequence length or add data")
         total = float(sum(weights))
-        self.names, self.sizes, self.seed, self.fingerprint = names, sizes, seed, fingerprint
+        self.names, self.sizes, self.seed, self.fingerprint, self.stage = names, sizes, seed, fingerprint, stage
         self.weights = [w / total for w in weights]
+        # Samples of each source the cap allows: epochs x windows (None = no cap).
+        self.limits = [None if e is None else int(e * n) for e, n in zip(epochs or [None] * len(names), sizes)]
         self.counts = self._block_counts(self.weights)
         self._block_order = lru_cache(maxsize=4)(self._block_order_uncached)
         self._perm = lru_cache(maxsize=64)(self._perm_uncached)
@@ -118,7 +143,7 @@ class Mixture:
 
     def _block_order_uncached(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.repeat(np.arange(len(self.counts)), self.counts)
-        rng = np.random.default_rng(_seed_words("block", self.seed, self.fingerprint, b))
+        rng = np.random.default_rng(_seed_words("block", self.seed, self.fingerprint, self.stage, b))
         labels = labels[rng.permutation(BLOCK)]
         # rank[r] = how many samples of the same source precede position r inside the block
         rank = np.zeros(BLOCK, dtype=np.int64)
@@ -128,7 +153,7 @@ class Mixture:
         return labels, rank
 
     def _perm_uncached(self, s: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng(_seed_words("epoch", self.seed, self.fingerprint, self.names[s], epoch))
+        rng = np.random.default_rng(_seed_words("epoch", self.seed, self.fingerprint, self.stage, self.names[s], epoch))
         return rng.permutation(self.sizes[s])
 
     def locate(self, i: int) -> tuple[int, int, int]:
@@ -137,8 +162,25 @@ class Mixture:
         labels, rank = self._block_order(b)
         s = int(labels[r])
         m = b * int(self.counts[s]) + int(rank[r])
+        if self.limits[s] is not None and m >= self.limits[s]:
+            raise DataError(
+                f"sample {i} would take source {self.names[s]!r} past its data.epochs cap "
+                f"({self.limits[s] / self.sizes[s]:g} epochs of {self.sizes[s]} windows); lower its share, train "
+                "fewer steps, add data or raise the cap"
+            )
         epoch, j = divmod(m, self.sizes[s])
         return s, int(self._perm(s, epoch)[j]), epoch
+
+    def plan(self, num_samples: int) -> dict[str, dict[str, float]]:
+        """What `num_samples` samples take from each source: samples, share, epochs (passes over its windows)."""
+        out = {}
+        full, rest = divmod(num_samples, BLOCK)
+        labels = self._block_order(full)[0][:rest]
+        for s, name in enumerate(self.names):
+            n = full * int(self.counts[s]) + int(np.sum(labels == s))
+            out[name] = {"samples": n, "share": n / max(1, num_samples), "windows": self.sizes[s],
+                         "epochs": n / self.sizes[s] if self.sizes[s] else 0.0}  # fmt: skip
+        return out
 
 
 class DataLoader:
@@ -158,6 +200,8 @@ class DataLoader:
         mixture: dict[str, float] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        stage: int | None = None,
+        epochs: dict[str, float] | None = None,
     ) -> None:
         if global_batch % (micro_batch * world_size):
             raise ValueError(
@@ -166,15 +210,31 @@ class DataLoader:
             )
         self.data, self.seq_len, self.seed = data, seq_len, seed
         self.global_batch, self.micro_batch, self.rank, self.world_size = global_batch, micro_batch, rank, world_size
+        # Stage, epoch caps and the override knob default to the data config the data was prepared from.
+        cfg = data.config
+        self.stage = int(stage if stage is not None else (cfg.stage if cfg else 0))
+        epochs = epochs if epochs is not None else (cfg.source_epochs() if cfg else {})
+        self.allow_data_change = bool(cfg.allow_data_change) if cfg else False
+        self.data_changes: list[dict[str, Any]] = []  # resumes that accepted changed data (allow_data_change)
         self.names = list(data.shards)
         self.train = [WindowedSplit(data.shards[n].train, seq_len) for n in self.names]
         self.heldout = [WindowedSplit(data.shards[n].heldout, seq_len) for n in self.names]
         if mixture:
+            # Absent sources (optional, not on this machine) hand their share to their fallback.
+            mixture = resolve_fallbacks(dict(mixture), data.fallbacks)
+            unknown = sorted(n for n, w in mixture.items() if w > 0 and n not in data.shards)
+            if unknown:
+                raise DataError(f"mixture names source(s) {unknown} that were not prepared; have {self.names}")
             weights = [float(mixture.get(n, 0.0)) for n in self.names]
         else:  # proportional to size: one pass over everything
             weights = [float(w.num_windows) for w in self.train]
+        caps = resolve_fallbacks(dict(epochs), {})  # keys are source names already
+        self.epochs = {n: float(caps[n]) for n in self.names if n in caps}
         self.mixture_weights = dict(zip(self.names, weights))
-        self.mixture = Mixture(self.names, weights, [w.num_windows for w in self.train], seed, data.fingerprint)
+        self.mixture = Mixture(
+            self.names, weights, [w.num_windows for w in self.train], seed, data.fingerprint, self.stage,
+            [self.epochs.get(n) for n in self.names],
+        )  # fmt: skip
         self.fim_pad_id = data.tokenizer.base_vocab + ADDED_TOKENS.index("<|fim_pad|>")
         self.sample_index = 0
         # [start, end) sample ranges never trained on (a rollback skips the window that spiked); sorted, disjoint
@@ -186,25 +246,41 @@ class DataLoader:
     def accum_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.world_size)
 
+    ORDER_KEYS = ("fingerprint", "seed", "stage", "seq_len", "mixture", "epochs")  # what the order depends on
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "sample_index": self.sample_index,
             "fingerprint": self.data.fingerprint,
             "seed": self.seed,
+            "stage": self.stage,
             "seq_len": self.seq_len,
             "mixture": self.mixture_weights,
+            "epochs": self.epochs,
+            "data_changes": self.data_changes,
             "excluded": [list(r) for r in self.excluded],
         }
 
     def load_state_dict(self, state: dict[str, Any], allow_data_change: bool = False) -> None:
+        """Resume at the saved position. A different fingerprint, stage, seed, sequence length, mixture or
+        epoch cap is refused unless allowed (argument or data.allow_data_change); an accepted change is
+        appended to `data_changes` (and so to every later checkpoint) with the sample index it took effect."""
         mine = self.state_dict()
-        for key in ("fingerprint", "seed", "seq_len", "mixture"):
-            if state[key] != mine[key] and not allow_data_change:
-                raise DataError(
-                    f"checkpoint was trained with data {key} {state[key]!r}, this run has {mine[key]!r}; the sample "
-                    "order would differ. Restore the original data, or pass train.allow_data_change=true to accept it"
-                )
+        old = {"stage": 0, "epochs": {}, **state}  # checkpoints from before those keys existed
+        changed = [k for k in self.ORDER_KEYS if old[k] != mine[k]]
+        if changed and not (allow_data_change or self.allow_data_change):
+            key = changed[0]
+            raise DataError(
+                f"checkpoint was trained with data {key} {old[key]!r}, this run has {mine[key]!r}; the sample "
+                "order would differ. Restore the original data, or pass data.allow_data_change=true to accept it "
+                "(the change is recorded in the loader state)"
+            )
         self.sample_index = int(state["sample_index"])
+        self.data_changes = list(state.get("data_changes", []))
+        if changed:
+            self.data_changes.append(
+                {"at_sample": self.sample_index, "changed": {k: {"was": old[k], "now": mine[k]} for k in changed}}
+            )
         self.excluded = [(int(a), int(b)) for a, b in state.get("excluded", [])]
 
     def exclude(self, start: int, end: int) -> None:
@@ -238,18 +314,24 @@ class DataLoader:
 
     def batch_from_samples(self, indices: list[int] | range) -> Batch:
         located = [self.mixture.locate(i) for i in indices]
-        rows = [self.train[s].window(j) for s, j, _ in located]
-        return self._collate(rows, np.asarray(list(indices)), located)
+        return self._collate(self._gather(self.train, located), np.asarray(list(indices)), located)
 
-    def _collate(self, rows: list, indices: np.ndarray, located: list) -> Batch:
-        tokens = torch.from_numpy(np.stack([r[0] for r in rows]))  # (B, S+1)
+    def _gather(self, splits: list[WindowedSplit], located: list) -> np.ndarray:
+        tokens = np.empty((len(located), self.seq_len + 1), dtype=np.int64)  # (B, S+1)
+        for r, (s, j, _) in enumerate(located):
+            tokens[r] = splits[s].tokens(j)
+        return tokens
+
+    def _collate(self, windows: np.ndarray, indices: np.ndarray, located: list) -> Batch:
+        positions, doc_ids = segments(windows)
+        tokens = torch.from_numpy(windows)  # (B, S+1)
         targets = tokens[:, 1:].clone()
         targets[targets == self.fim_pad_id] = IGNORE_INDEX
         return Batch(
             input_ids=tokens[:, :-1].contiguous(),
             targets=targets,
-            positions=torch.from_numpy(np.stack([r[1] for r in rows])),
-            doc_ids=torch.from_numpy(np.stack([r[2] for r in rows])),
+            positions=torch.from_numpy(positions),
+            doc_ids=torch.from_numpy(doc_ids),
             sample_index=indices,
             source_index=np.array([s for s, _, _ in located], dtype=np.int64),
             window_index=np.array([j for _, j, _ in located], dtype=np.int64),
@@ -286,7 +368,7 @@ class DataLoader:
         n = min(split.num_windows, max_batches * self.micro_batch)
         out = []
         for a in range(0, n, self.micro_batch):
-            js = range(a, min(a + self.micro_batch, n))
-            rows = [split.window(j) for j in js]
-            out.append(self._collate(rows, np.full(len(rows), -1), [(s, j, 0) for j in js]))
+            located = [(s, j, 0) for j in range(a, min(a + self.micro_batch, n))]
+            windows = self._gather(self.heldout, located)
+            out.append(self._collate(windows, np.full(len(located), -1), located))
         return out
