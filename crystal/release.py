@@ -35,7 +35,6 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crystal.data import chunks as data_chunks
 from crystal.errors import CrystalError
 from crystal.tokenizer import ADDED_TOKENS, EOS_ID, file_sha256
 
@@ -57,55 +57,10 @@ class ReleaseError(CrystalError):
 # Chunks (what training consumed between two checkpoints)
 
 
-def chunk_samples(start: int, end: int, excluded: list) -> list[int]:
-    """Sample indices in [start, end) that were trained on: the range minus excluded windows."""
-    keep = np.ones(max(0, end - start), dtype=bool)
-    for a, b in excluded:
-        lo, hi = max(a, start), min(b, end)
-        if lo < hi:
-            keep[lo - start : hi - start] = False
-    return (np.nonzero(keep)[0] + start).tolist()
-
-
-def chunk_rows(loader, samples: list[int]) -> Iterator[dict[str, Any]]:
-    """One Amber-layout row per sample, in training order."""
-    for i in samples:
-        s, j, _ = loader.mixture.locate(i)
-        tokens = loader.train[s].window(j)[0]
-        yield {
-            "token_ids": tokens.tolist(), "source": loader.names[s], "sample_index": int(i), "window": int(j),
-            "doc_ids": loader.train[s].documents(j),
-        }  # fmt: skip
-
-
-def tokens_sha256(rows: list[dict[str, Any]] | Iterator[dict[str, Any]]) -> str:
-    """Hash of the token ids in order (uint32 little-endian), independent of how the rows are serialised."""
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(np.asarray(r["token_ids"], dtype="<u4").tobytes())
-    return h.hexdigest()
-
-
 def chunk_record(loader, chunk: int, start: int, end: int, excluded: list, steps: list[int]) -> dict[str, Any]:
-    """What chunk `chunk` holds: sample range and exclusions, documents and tokens per source, token hash."""
-    samples = chunk_samples(start, end, excluded)
-    rows = list(chunk_rows(loader, samples))
-    tokens: dict[str, int] = {}
-    documents: dict[str, list[str]] = {}
-    for r in rows:
-        tokens[r["source"]] = tokens.get(r["source"], 0) + len(r["token_ids"]) - 1  # trained tokens (inputs)
-        docs = documents.setdefault(r["source"], [])
-        for d in r["doc_ids"]:
-            if not docs or docs[-1] != d:
-                docs.append(d)
-    return {
-        "chunk": chunk, "steps": steps, "sample_range": [start, end],
-        "excluded": [[a, b] for a, b in excluded if a < end and b > start], "num_samples": len(samples),
-        "seq_len": loader.seq_len, "tokens_per_source": tokens, "num_tokens": sum(tokens.values()),
-        "documents": {s: sorted(set(d)) for s, d in documents.items()},
-        "num_documents": {s: len(set(d)) for s, d in documents.items()},
-        "tokens_sha256": tokens_sha256(rows), "data_fingerprint": loader.data.fingerprint,
-    }  # fmt: skip
+    """The data pipeline's record of samples [start, end) minus `excluded` (crystal.data.chunks: documents,
+    tokens per source, token sha256, recipe), numbered and tied to the steps that consumed it."""
+    return {"chunk": chunk, "steps": steps, **data_chunks.chunk_record(loader, start, end, excluded)}
 
 
 def batch_from_rows(rows: list[dict[str, Any]], fim_pad_id: int):
@@ -182,8 +137,6 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
     from tqdm.auto import tqdm
 
     from crystal.checkpoint import load_meta, verify_checkpoint
-    from crystal.data.loader import DataLoader
-    from crystal.data.prepare import prepare_data
     from crystal.trainer import config_from_yaml
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -197,14 +150,11 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
     metas = [load_meta(p) for p in ckpts]
     cfg = config_from_yaml((ckpts[-1] / "config.yaml").read_text())
     t = cfg.train
-    data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
-    if data.fingerprint != metas[-1]["data_fingerprint"]:
-        raise ReleaseError(
-            f"the data here has fingerprint {data.fingerprint[:12]} but {run_dir} was trained on "
-            f"{metas[-1]['data_fingerprint'][:12]}; restore the run's data (same sources, tokenizer, cache)"
-        )
-    loader = DataLoader(data, metas[-1]["loader"]["seq_len"], t.global_batch, t.micro_batch, t.seed,
-                        mixture=cfg.data.source_mixture())  # fmt: skip
+    manifest_path = ckpts[-1] / "data_manifest.json"
+    loader = data_chunks.loader_from_config(
+        cfg, json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    )
+    data = loader.data
     out_dir.mkdir(parents=True, exist_ok=True)
 
     names = {ckpts[0]: "init"}
@@ -245,7 +195,7 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
         path.parent.mkdir(parents=True, exist_ok=True)
         fim_pad = loader.fim_pad_id
         with open(path, "w") as f:
-            for r in chunk_rows(loader, chunk_samples(start, end, excluded)):
+            for r in data_chunks.iter_chunk(loader, start, end, excluded):
                 f.write(json.dumps(r, separators=(",", ":")) + "\n")
         _check_rows_rebuild(path, loader, fim_pad, t.global_batch)
         record["sha256"] = file_sha256(path)
