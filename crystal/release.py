@@ -8,8 +8,9 @@ Chunk k is exactly the samples consumed between release checkpoint k-1 and relea
 (checkpoint -1 is `init`, the state training started from: step 0, or the previous stage's end).
 The loader's position at each checkpoint bounds the chunk; windows skipped after a rollback are
 left out. A chunk is written in Amber's layout (LLM360/AmberDatasets `train_000.jsonl`): one line
-per training sequence, `{"token_ids": [S+1 ints], "source": ..., "sample_index": ..., "doc_ids": [...]}`,
-so tools written for Amber read it unchanged; the extra keys say where the sequence came from.
+per training sequence, `{"token_ids": [S+1 ints], "source": ..., "doc_ids": [...], "sample_index": ...,
+"window": ...}` (crystal.data.chunks.iter_chunk), so tools written for Amber read it unchanged; the
+extra keys say where the sequence came from.
 
     <release>/
       manifest.json                  every file's sha256; per chunk: its file, record, the checkpoints
