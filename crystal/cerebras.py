@@ -136,9 +136,12 @@ class CrystalDataPlan:
         config["data"]["cache_dir"] = str(cache_root(cfg.data).resolve())
         self.config = config
 
+    def step_of(self, micro_batches: list[Batch]) -> int:
+        return int(micro_batches[0].sample_index[0]) // self.cfg.train.global_batch
+
     def open_run(self, first_micro_batches: list[Batch]) -> CerebrasRun:
         t = self.cfg.train
-        start_step = int(first_micro_batches[0].sample_index[0]) // t.global_batch
+        start_step = self.step_of(first_micro_batches)
         return CerebrasRun(
             input_fn=step_stream,
             input_args=(self.config, start_step),
@@ -203,8 +206,9 @@ def cstorch_layout_from_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A materialised, contiguous, plain torch.Tensor (cstorch.load hands out deferred tensor subclasses)."""
-    return t.detach().cpu().as_subclass(torch.Tensor).clone().contiguous()
+    """A materialised, contiguous, plain torch.Tensor (cstorch.load hands out deferred tensor subclasses,
+    whose detach() is a plain tensor)."""
+    return t.detach().cpu().clone().contiguous()
 
 
 def checkpoint_from_cstorch_layout(state: dict[str, Any], run_dir: str | Path, source: str = "state") -> Path:

@@ -213,8 +213,8 @@ def test_reads_an_optimizer_state_laid_out_as_cstorch_writes_it():
 def test_step_count_survives_fp32_powers(t):
     p1, p2 = powers_for_step(t, (0.9, 0.95))
     assert step_from_powers(float(p1), float(p2), (0.9, 0.95), fallback=None) == t
-    assert float(p2) == pytest.approx(0.95 ** (t + 1), rel=1e-6)
-    assert not math.isnan(float(p1))
+    assert float(p2) == pytest.approx(0.95 ** (t + 1), rel=1e-4)  # fp32 products drift slowly from float64
+    assert p1.dtype == torch.float32 and not math.isnan(float(p1))
 
 
 def test_export_import_round_trip_and_resume(fast_config, tmp_path):

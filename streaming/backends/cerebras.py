@@ -123,6 +123,10 @@ class CerebrasDataPlan(Protocol):
 
     def open_run(self, first_micro_batches: list[Any]) -> CerebrasRun: ...
 
+    # The global step the trainer's micro-batches belong to (a resume, rollback or skipped data window
+    # moves it; the engine then opens a new run there).
+    def step_of(self, micro_batches: list[Any]) -> int: ...
+
     # The step's micro-batches as a dict of stacked tensors, (A, B, S) each: what input_fn yields.
     def pack(self, micro_batches: list[Any]) -> dict[str, torch.Tensor]: ...
 
@@ -176,7 +180,7 @@ def _backend(cstorch, s: CerebrasSettings):
                 f"this process already runs a cstorch {current.backend_type.name} backend; "
                 f"backend.cerebras.target={s.target} needs a new process"
             )
-        current.artifact_dir = s.artifact_dir
+        current.artifact_dir = Path(s.artifact_dir)
         return current
     if s.target == "CSX":
         from cerebras.pytorch.distributed import ClusterConfig
@@ -241,6 +245,7 @@ class CerebrasEngine:
         self._pending: dict[str, torch.Tensor] | None = None
         self._run: CerebrasRun | None = None
         self._result: tuple[float, float, bool] | None = None
+        self._next_step = 0  # global step the open run's input function yields next
 
     # -- LR schedule ------------------------------------------------------------------------------
 
@@ -338,6 +343,7 @@ class CerebrasEngine:
         cstorch = self.cstorch
         run = self._run = self.data.open_run(micro_batches)
         self._position_schedule(run.start_step)
+        self._next_step = run.start_step
         loader = cstorch.utils.data.DataLoader(run.input_fn, *run.input_args)
         executor = cstorch.utils.data.DataExecutor(
             loader, num_steps=run.num_steps, checkpoint_steps=run.checkpoint_steps or None
@@ -363,6 +369,8 @@ class CerebrasEngine:
 
     def train_step(self, micro_batches: list[Any], lr: float) -> StepResult:
         self.model.train()
+        if self._pending is not None and self.data.step_of(micro_batches) != self._next_step:
+            self.close()  # the trainer moved its cursor (rollback, skipped window): a new run from there
         if self._pending is None:
             self._open_run(micro_batches)
         batch = self._pending
@@ -387,6 +395,7 @@ class CerebrasEngine:
             raise RuntimeError("cstorch ran the step but its step closure did not report the loss")
         loss, norm, finite = self._result
         self.step += 1
+        self._next_step += 1
         self.adam_steps += int(finite)
         return StepResult(loss, norm, not finite, tokens)
 
@@ -397,11 +406,13 @@ class CerebrasEngine:
                 "evaluation between training steps is not supported on CSX (one compiled graph per run); set "
                 "train.eval_every above train.steps and evaluate a checkpoint with backend=resident"
             )
+        # Eager on CPU/GPU, outside the traced step: the module itself, not the compiled wrapper, so that
+        # evaluating never registers the model as the backend's active one outside a run.
         self.model.eval()
         try:
             packed = {k: v.to(self.device) for k, v in self.data.pack([batch]).items()}
             with self._autocast():
-                return float(self.compiled(*self.data.model_inputs(packed, 0)))
+                return float(self.model(*self.data.model_inputs(packed, 0)))
         finally:
             self.model.train()
 
@@ -411,6 +422,7 @@ class CerebrasEngine:
         return cstorch_flat(self.cstorch_state_dict(), self.groups, self.adam_steps)
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], load_optimizer: bool = True) -> None:
+        self.close()  # new weights (a resume or rollback): the next step opens a new run
         steps = {float(v) for k, v in state.get("optimizer", {}).items() if k.endswith(".step")}
         native = flat_to_cstorch(
             state["model"], state.get("optimizer", {}) if load_optimizer else {}, self.groups,

@@ -20,7 +20,8 @@ is one nested state dict:
 Two differences need converting. cstorch numbers parameters instead of naming them: the groups (from
 the checkpoint's own `crystal` record, or the model's muP groups) give the names back. And cstorch's
 AdamW keeps bias-correction powers instead of the step count t: after t updates it holds beta^(t+1), the
-power its next update uses (it starts at beta and multiplies by beta after each update, in fp32). So
+power its next update uses (it starts at fp32(beta) and multiplies by beta after each update, in fp32;
+powers_for_step replays those products, so the round trip is exact). So
 t = log(beta2_power) / log(beta2) - 1, exact while the power is a normal fp32 number (t up to about 1,700
 for beta2 = 0.95); beyond that it has underflowed, bias correction is exactly 1 either way, and t is
 taken from the fallback the caller gives (the updates it counted, or global_step).
@@ -36,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -56,9 +58,23 @@ def group_names(groups: Sequence[ParamGroupSpec]) -> list[list[str]]:
 
 
 def powers_for_step(step: float, betas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """cstorch AdamW's (beta1_power, beta2_power) after `step` updates: beta^(step+1), computed in float64
-    and rounded once (cstorch's own are fp32 products, equal to within a few ulp)."""
-    return tuple(torch.tensor(beta ** (step + 1), dtype=torch.float32) for beta in betas[:2])  # type: ignore[return-value]
+    """cstorch AdamW's (beta1_power, beta2_power) after `step` updates, bit for bit: it starts at
+    fp32(beta) and multiplies by beta once per update, in fp32, so a resume continues exactly."""
+    return tuple(_fp32_power(float(beta), int(step)) for beta in betas[:2])  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=64)
+def _fp32_power_value(beta: float, step: int) -> torch.Tensor:
+    power = torch.tensor(beta, dtype=torch.float32)
+    for _ in range(step):
+        if power == 0:  # underflowed (after ~2,000 updates for beta = 0.95): stays 0
+            break
+        power = power * beta
+    return power
+
+
+def _fp32_power(beta: float, step: int) -> torch.Tensor:
+    return _fp32_power_value(beta, step).clone()
 
 
 def step_from_powers(beta1_power: float, beta2_power: float, betas: Sequence[float], fallback: int | None) -> int:
