@@ -341,6 +341,33 @@ class BackendConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """`python -m crystal.analysis`: Analysis360 memorization and per-chunk / per-source evaluation of a run
+    or release. Defaults in conf/analysis/default.yaml; override on the command line as key=value."""
+
+    sequences: int = 1000  # per (checkpoint, chunk), sampled with `seed` (Analysis360: 1000)
+    prompt_tokens: int = 32  # memorization prompt: tokens 0..31 of each sampled sequence
+    generate_tokens: int = 32  # greedily decoded and compared with tokens 32..63
+    seed: int = 0  # which sequences are sampled from each chunk (the same for every checkpoint)
+    batch_size: int = 64  # sequences decoded / scored at once
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    checkpoints: list[int] | None = None  # steps to analyse; null = every checkpoint
+    loss_sequences: int = 64  # per (checkpoint, chunk) for the forgetting table; 0 = skip it
+    eval_batches: int = 4  # held-out batches per source (as train.eval_batches); 0 = skip held-out loss
+    curves: int = 6  # checkpoints drawn in the by-chunk and histogram views
+    threads: int = 0  # torch CPU threads for the command; 0 = torch's default (1 is fastest for tiny models)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("sequences", "prompt_tokens", "generate_tokens", "batch_size", "curves"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"analysis.{key}={getattr(self, key)} must be at least 1")
+        for key in ("loss_sequences", "eval_batches", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"analysis.{key}={getattr(self, key)} must be >= 0 (0 skips it)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

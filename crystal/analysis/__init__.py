@@ -1,0 +1,2 @@
+"""Analysis360 for crystal runs and releases: memorization across checkpoints and data chunks, held-out
+loss per source, loss on every training chunk (forgetting). `python -m crystal.analysis --help`."""
