@@ -20,6 +20,7 @@ from crystal.cerebras import (
     HDF5_MAGIC,
     LAYOUT,
     CerebrasBackendError,
+    CrystalDataPlan,
     cerebras_settings,
     cstorch_layout_from_checkpoint,
     export_checkpoint,
@@ -141,6 +142,16 @@ def test_step_stream_yields_the_trainers_steps(fast_config):
             assert packed["input_ids"].shape == (4, 2, 32)  # (micro-batches, sequences, tokens)
             for k in packed:
                 assert torch.equal(packed[k], expected[k]), (step, k)
+        # What the engine hands cstorch when the trainer's step 3 arrives: a run from step 3 on.
+        plan = CrystalDataPlan(cfg, trainer.adapter)
+        run = plan.open_run(trainer.loader.step_batches(3))
+        assert (run.start_step, run.num_steps, run.input_fn, run.checkpoint_steps) == (3, cfg.train.steps - 3,
+                                                                                       step_stream, None)  # fmt: skip
+        assert run.input_args[1] == 3 and plan.step_of(trainer.loader.step_batches(7)) == 7
+        args = plan.model_inputs(pack_batches(trainer.loader.step_batches(3), doc_masking=True), 1)
+        assert len(args) == 4 and args[0].shape == (2, 32)  # input_ids, targets, positions, doc_ids of micro-batch 1
+        loss = trainer.adapter.model(*args)
+        assert torch.isclose(loss, trainer.adapter.loss(trainer.loader.step_batches(3)[1]))
     finally:
         trainer.close()
 
