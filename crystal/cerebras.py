@@ -245,7 +245,10 @@ def _load(path: Path) -> dict[str, Any]:
     if cstorch_available():
         import cerebras.pytorch as cstorch
 
-        return cstorch.load(str(path), map_location="cpu")
+        try:
+            return cstorch.load(str(path), map_location="cpu")
+        except Exception as e:  # cstorch raises ValueError, RuntimeError, pickle errors, ... for bad files
+            raise CheckpointError(f"{path} is not a readable cstorch checkpoint ({type(e).__name__}: {e})") from None
     with open(path, "rb") as f:
         if f.read(8) == HDF5_MAGIC:
             raise CheckpointError(
