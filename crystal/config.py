@@ -346,9 +346,83 @@ class ScaleConfig:
     batch: float = 1.0  # global batch in sequences
 
 
+CEREBRAS_TARGETS = ("CPU", "GPU", "CSX")
+CEREBRAS_HALF_DTYPES = ("bfloat16", "float16", "cbfloat16")
+
+
+@dataclass
+class CerebrasConfig:
+    """backend=cerebras: which cerebras-pytorch (cstorch) backend runs the compiled step, and for CSX the
+    Wafer-Scale Cluster to run it on (the fields of cstorch's ClusterConfig that a run must choose)."""
+
+    target: str = "CPU"  # CPU (runs anywhere) | GPU | CSX (a Cerebras Wafer-Scale Cluster)
+    # CSX only. The cluster's management server as <host>:<port> and its TLS certificate
+    # (LLM360's CrystalCoder runs: /opt/cerebras/certs/tls.crt).
+    mgmt_address: str | None = None
+    credentials_path: str | None = None
+    mgmt_namespace: str | None = None  # cluster-management software version; None = the cluster's default
+    num_csx: int = 1  # CS-2/CS-3 systems, data parallel (CrystalCoder: 16)
+    num_workers_per_csx: int = 1  # input workers per system, each runs the project's loader
+    # Directories the cluster's input workers must see: the data cache and this checkout (added for you).
+    mount_dirs: list[str] = field(default_factory=list)
+    python_paths: list[str] = field(default_factory=list)
+    job_labels: list[str] = field(default_factory=list)  # key=value pairs
+    compile_dir: str | None = None  # None = cstorch's default on the cluster
+    compile_only: bool = False  # CSX: compile the step and stop (checks that it fits), no training
+    # Mixed precision half type when train.precision=bf16 (CSX always runs its half type; cbfloat16 is
+    # Cerebras' float16 variant). CrystalCoder trained with bfloat16.
+    half_dtype: str = "bfloat16"
+    artifact_dir: str | None = None  # cstorch's logs and executor artifacts; None = <run dir>/cerebras
+    # Skip the update of a step whose loss or gradient norm is not finite, decided inside the compiled
+    # graph (a CSX step cannot branch on a value), as the resident engine does on the host.
+    skip_nonfinite: bool = True
+    # cstorch: cstorch.optim.AdamW as Cerebras runs it (eps added before bias correction, so losses differ
+    # from backend=resident at the 1e-4 level). torch: the same cstorch optimizer and state with
+    # torch.optim.AdamW's update equation, for runs that move between Cerebras and GPU (fp32-rounding match).
+    adamw: str = "cstorch"
+
+    def __post_init__(self) -> None:
+        self.target = str(self.target).upper()
+        if self.target not in CEREBRAS_TARGETS:
+            raise ValueError(f"backend.cerebras.target={self.target!r}: use one of {', '.join(CEREBRAS_TARGETS)}")
+        if self.half_dtype not in CEREBRAS_HALF_DTYPES:
+            raise ValueError(
+                f"backend.cerebras.half_dtype={self.half_dtype!r}: use one of {', '.join(CEREBRAS_HALF_DTYPES)}"
+            )
+        if self.adamw not in ("cstorch", "torch"):
+            raise ValueError(f"backend.cerebras.adamw={self.adamw!r}: use 'cstorch' or 'torch'")
+        if self.half_dtype == "cbfloat16" and self.target != "CSX":
+            raise ValueError("backend.cerebras.half_dtype=cbfloat16 exists only on CSX; use bfloat16 on CPU/GPU")
+        if self.num_csx < 1 or self.num_workers_per_csx < 1:
+            raise ValueError(
+                f"backend.cerebras.num_csx={self.num_csx} and num_workers_per_csx={self.num_workers_per_csx} "
+                "must be >= 1"
+            )
+        if self.target == "CSX":
+            self.check_cluster()
+
+    def check_cluster(self) -> None:
+        """A CSX run needs a cluster: name the first missing setting and how to give it."""
+        if not self.mgmt_address:
+            raise ValueError(
+                "backend.cerebras.target=CSX needs backend.cerebras.mgmt_address (the cluster's management "
+                "server, <host>:<port>); set backend.cerebras.mgmt_address=... or use backend.cerebras.target=CPU"
+            )
+        if not re.fullmatch(r".+:[0-9]+", self.mgmt_address):
+            raise ValueError(
+                f"backend.cerebras.mgmt_address={self.mgmt_address!r} must be <host>:<port>, e.g. mgmt.example:443"
+            )
+        if not self.credentials_path:
+            raise ValueError(
+                "backend.cerebras.target=CSX needs backend.cerebras.credentials_path (the cluster's TLS "
+                "certificate, e.g. /opt/cerebras/certs/tls.crt); set backend.cerebras.credentials_path=..."
+            )
+
+
 @dataclass
 class BackendConfig:
     name: str = "resident"  # resident | streaming | cerebras
+    cerebras: CerebrasConfig = field(default_factory=CerebrasConfig)  # used only by name=cerebras
 
 
 @dataclass

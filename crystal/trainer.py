@@ -134,7 +134,11 @@ def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp
         from streaming.backends.resident import ResidentEngine
 
         return ResidentEngine(adapter, groups, settings, device, amp)
-    raise ValueError(f"backend.name={name!r} is not available; known backends: resident")
+    if name == "cerebras":  # cerebras-pytorch, in its own venv (crystal/cerebras.py)
+        from crystal.cerebras import build_cerebras_engine
+
+        return build_cerebras_engine(cfg, adapter, groups, settings, amp)
+    raise ValueError(f"backend.name={name!r} is not available; known backends: resident, cerebras")
 
 
 def unigram_entropy(data: PreparedData, weights: dict[str, float]) -> float:
