@@ -172,8 +172,9 @@ def config_from_yaml(text: str) -> Config:
 
 
 def config_changes(old: Config, new: Config) -> list[str]:
-    """Dotted keys whose values differ and that change what training computes. train.steps counts only
-    when the LR decay horizon follows it (optim.decay_steps null): extending a run is not a change."""
+    """Dotted keys whose values differ and that change what training computes. train.steps is not among
+    them: extending a finished run resumes from its last (release) checkpoint, so no data chunk spans
+    two schedules; the trainer records the change as an event."""
 
     def flat(d: dict, prefix: str = "") -> dict[str, Any]:
         out = {}
@@ -183,11 +184,9 @@ def config_changes(old: Config, new: Config) -> list[str]:
         return out
 
     a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
-    ignore = set(OPERATIONAL_KEYS)
+    ignore = {*OPERATIONAL_KEYS, "train.steps"}
     if getattr(new.data, "allow_data_change", False):  # the loader accepts and records data changes itself
         ignore |= {k for k in set(a) | set(b) if k.startswith("data.")}
-    if old.optim.decay_steps is not None and new.optim.decay_steps is not None:
-        ignore.add("train.steps")
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 
 
@@ -391,8 +390,7 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints of its own; continue it with train.resume=latest, or start "
                 f"from {path} under a new train.run_name"
             )
-        if same_stage:
-            self._check_config_unchanged(ckpt.config_yaml, path)
+        events = self._check_config_unchanged(ckpt.config_yaml, path) if same_stage else []
         self.engine.load_state_dict(ckpt.tensors)
         if not same_stage:
             # Stage transition (CrystalCoder 1 -> 2 -> 3): weights and Adam moments carry over; the step
@@ -413,22 +411,29 @@ class Trainer:
             self.step, self.tokens = meta["step"], meta["tokens"]
             self.chunk, self.chunk_start = meta.get("chunk", 0), tuple(meta.get("chunk_start", (0, 0)))
             self.metrics.log("event", event="forked", from_checkpoint=str(path), step=self.step)
+        for row in events:
+            self.metrics.log("event", step=self.step, **row)
         self.log(f"resumed from {path} at step {self.step}")
 
-    def _check_config_unchanged(self, saved_yaml: str, path: Path) -> None:
-        """A resume continues the same computation: refuse changed settings unless train.allow_config_change."""
-        changed = config_changes(config_from_yaml(saved_yaml), self.cfg)
-        if not changed:
-            return
+    def _check_config_unchanged(self, saved_yaml: str, path: Path) -> list[dict[str, Any]]:
+        """A resume continues the same computation: refuse changed settings unless train.allow_config_change.
+        Returns the event rows to log once the metrics file is rewound (a changed train.steps, allowed ones)."""
         saved = config_from_yaml(saved_yaml)
+        events = []
+        if saved.train.steps != self.cfg.train.steps:
+            events.append({"event": "steps_changed", "checkpoint": str(path), "was": saved.train.steps,
+                           "now": self.cfg.train.steps})  # fmt: skip
+        changed = config_changes(saved, self.cfg)
+        if not changed:
+            return events
         detail = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(self.cfg, k)!r}" for k in changed[:4])
         if not self.cfg.train.allow_config_change:
             raise CheckpointError(
                 f"resuming {path} with changed settings ({detail}); the run would no longer be one reproducible "
                 f"computation. Restore them, start a new train.run_name, or pass train.allow_config_change=true"
             )
-        self.metrics.log("event", event="config_changed", checkpoint=str(path), changed=changed, detail=detail)
         self.log(f"warning: resuming {path} with changed settings: {detail}")
+        return [*events, {"event": "config_changed", "checkpoint": str(path), "changed": changed, "detail": detail}]
 
     def _check_compatible(self, meta: dict[str, Any], path: Path, same_stage: bool) -> None:
         """One line naming what differs: model config, tokenizer, or (same stage) the data fingerprint."""

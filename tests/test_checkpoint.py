@@ -194,3 +194,7 @@ def test_resume_refuses_changed_settings_unless_allowed(small_run, fast_config):
     events = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl", "event") if r["event"] == "config_changed"]
     assert events[0]["changed"] == ["optim.lr"]
     Trainer(fast_config(*same, "train.eval_every=5", "train.ckpt_keep_last=9"), log=lambda *_: None).close()
+    longer = Trainer(fast_config(*same, "train.steps=9"), log=lambda *_: None)  # extending a run is allowed
+    longer.close()
+    events = [r for r in read_metrics(longer.run_dir / "metrics.jsonl", "event") if r["event"] == "steps_changed"]
+    assert (events[-1]["was"], events[-1]["now"]) == (7, 9)
