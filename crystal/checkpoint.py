@@ -1,25 +1,37 @@
-"""Atomic, self-verifying checkpoints.
+"""Atomic, self-verifying checkpoints, their retention, and the output-directory checks.
 
     <run>/checkpoints/step-00000200/
-        model.safetensors       weights (unwrapped names, fp32)
+        model.safetensors       weights, fp32 (the master copy: compute may autocast to bf16), unwrapped names
         optimizer.safetensors   AdamW state per parameter name: <name>.exp_avg, <name>.exp_avg_sq, <name>.step
-        trainer.json            step, tokens, loader state, RNG states, metrics cursor, stage, fingerprints
+        trainer.json            step, tokens, loader state (sample index, excluded windows), every RNG state,
+                                metrics cursor, fault-monitor state, stage, chunk id, fingerprints, git commit
         config.yaml             the fully resolved run config
-        manifest.json           sha256 + size of every file above, git commit; written last
+        data_manifest.json      tokenizer sha256 and every shard's hash: the data fingerprint's preimage
+        chunk.json              (release checkpoints) record of the data chunk that ends here
+        manifest.json           sha256 + size of every file above, kind (release | keep), git commit; last
     <run>/checkpoints/latest    name of the newest complete checkpoint (updated after the rename)
 
 A checkpoint is written into `step-XXXXXXXX.tmp/`, every file fsynced, then renamed; a directory
 counts only if its manifest exists and every hash matches, so kill -9 at any moment leaves the
 previous checkpoint loadable. Tensors are copied off the training state before the write starts,
-so the write can run in a background thread while training goes on.
+so the write runs in a background thread while training goes on (a second save waits for it).
+
+Retention: "release" checkpoints (every train.ckpt_every steps, step 0 and the last step) are kept
+forever: they bound the released data chunks. "keep" checkpoints (train.ckpt_keep_every) exist for
+resume and rollback; only the newest train.ckpt_keep_last survive. Deleting renames the directory
+to `*.deleting` first, so a kill mid-delete never leaves a half-deleted directory that looks valid.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +45,16 @@ from crystal.utils import git_commit
 
 FORMAT_VERSION = 1
 TENSOR_FILES = ("model", "optimizer")
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+RELEASE, KEEP = "release", "keep"
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(Path(path).name).group(1))
 
 
 @dataclass
@@ -63,12 +81,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def snapshot(tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Detached CPU copies, contiguous and unshared (safetensors refuses tensors sharing storage)."""
-    return {
-        group: {k: v.detach().to("cpu", copy=True).contiguous() for k, v in items.items()}
-        for group, items in tensors.items()
-    }
+def snapshot(
+    tensors: dict[str, dict[str, torch.Tensor]], into: dict[str, dict[str, torch.Tensor]] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Detached CPU copies, contiguous and unshared (safetensors refuses tensors sharing storage).
+
+    `into`: buffers of an earlier snapshot to copy into when shapes match. Reusing them skips the page
+    faults of fresh allocations (several times the copy itself on a busy host); GPU tensors land in
+    pinned buffers so the device-to-host copy runs at full speed."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for group, items in tensors.items():
+        old = (into or {}).get(group, {})
+        out[group] = {}
+        for k, v in items.items():
+            buf = old.get(k)
+            if buf is None or buf.shape != v.shape or buf.dtype != v.dtype:
+                buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=v.is_cuda)
+            out[group][k] = buf.copy_(v.detach())
+    return out
+
+
+def tensor_bytes(tensors: dict[str, dict[str, torch.Tensor]]) -> int:
+    return sum(v.numel() * v.element_size() for items in tensors.values() for v in items.values())
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / "latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def _write_error(final: Path, err: BaseException) -> CheckpointError:
+    previous = find_latest(final.parent.parent)
+    keep = f"; the last complete checkpoint is {previous}" if previous else ""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"the disk is full: free space under {final.parent} and continue with train.resume=latest"
+    elif isinstance(err, OSError):
+        fix = f"check that {final.parent} is writable, then continue with train.resume=latest"
+    else:
+        fix = "continue with train.resume=latest"
+    return CheckpointError(f"writing checkpoint {final} failed ({err}); {fix}{keep}")
 
 
 def write_checkpoint(
@@ -77,47 +129,65 @@ def write_checkpoint(
     tensors: dict[str, dict[str, torch.Tensor]],
     meta: dict[str, Any],
     config_yaml: str,
+    kind: str = RELEASE,
+    extra_files: dict[str, bytes | str | Callable[[], bytes | str]] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically; returns its final directory. Tensors should be a snapshot."""
+    """Write one checkpoint atomically; returns its final directory. Tensors should be a snapshot.
+
+    `extra_files` values may be callables: they run here (in the writer thread), e.g. a chunk record."""
+    t0 = time.perf_counter()
     root = Path(run_dir) / "checkpoints"
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for group in TENSOR_FILES:
-        save_file(tensors.get(group, {}), str(tmp / f"{group}.safetensors"), metadata={"format": str(FORMAT_VERSION)})
-    (tmp / "trainer.json").write_text(json.dumps(meta, sort_keys=True))
-    (tmp / "config.yaml").write_text(config_yaml)
-    files = {}
-    for f in sorted(tmp.iterdir()):
-        _fsync_file(f)
-        files[f.name] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
-    manifest = {"format": FORMAT_VERSION, "step": step, "git_commit": git_commit(), "files": files}
-    with open(tmp / "manifest.json", "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # a replayed step after a rollback: the new one replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for group in TENSOR_FILES:
+            meta_st = {"format": str(FORMAT_VERSION)}
+            save_file(tensors.get(group, {}), str(tmp / f"{group}.safetensors"), metadata=meta_st)
+        (tmp / "trainer.json").write_text(json.dumps(meta, sort_keys=True))
+        (tmp / "config.yaml").write_text(config_yaml)
+        for name, content in (extra_files or {}).items():
+            content = content() if callable(content) else content
+            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            _fsync_file(f)
+            files[f.name] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+        manifest = {
+            "format": FORMAT_VERSION, "step": step, "kind": kind, "git_commit": git_commit(), "files": files,
+            "write_s": round(time.perf_counter() - t0, 4),
+        }  # fmt: skip
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step written again (a replay after a rollback): the new one replaces it
+            _delete_dir(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_latest(root, final.name)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial directory behind
+        raise _write_error(final, e) from e
     return final
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mpath = Path(path) / "manifest.json"
+    if not mpath.is_file():
+        raise CheckpointError(f"{path} has no manifest.json: incomplete or not a checkpoint; use an earlier one")
+    try:
+        return json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mpath} is corrupt ({e}); use an earlier checkpoint") from None
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Check the manifest and every file's hash; raise CheckpointError naming the first problem."""
     path = Path(path)
-    mpath = path / "manifest.json"
-    if not mpath.is_file():
-        raise CheckpointError(f"{path} has no manifest.json: incomplete or not a checkpoint; use an earlier one")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mpath} is corrupt ({e}); use an earlier checkpoint") from None
+    manifest = read_manifest(path)
     for name, info in manifest["files"].items():
         f = path / name
         if not f.is_file():
@@ -136,18 +206,24 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     if verify:
         verify_checkpoint(path)
     tensors = {g: load_file(str(path / f"{g}.safetensors")) for g in TENSOR_FILES}
-    meta = json.loads((path / "trainer.json").read_text())
-    return Checkpoint(path, tensors, meta, (path / "config.yaml").read_text())
+    return Checkpoint(path, tensors, load_meta(path), (path / "config.yaml").read_text())
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    """trainer.json alone (no tensors): cheap enough to scan every checkpoint of a run."""
+    try:
+        return json.loads((Path(path) / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}/trainer.json is unreadable ({e}); use an earlier checkpoint") from None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories (manifest present), oldest first."""
+    """Complete checkpoint directories (manifest present), oldest first. Ignores *.tmp and *.deleting."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(
-        p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "manifest.json").is_file()
-    )
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir() and (p / "manifest.json").is_file()]
+    return sorted(found, key=step_of)
 
 
 def find_latest(run_dir: Path) -> Path | None:
@@ -161,13 +237,11 @@ def find_latest(run_dir: Path) -> Path | None:
     return None
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """train.resume: 'latest' (this run's newest valid checkpoint), a checkpoint dir, or a run dir."""
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """train.resume: 'latest' (this run's newest valid checkpoint; None when it has none yet), a checkpoint dir,
+    or a run dir."""
     if resume == "latest":
-        found = find_latest(run_dir)
-        if found is None:
-            raise CheckpointError(f"train.resume=latest but {run_dir}/checkpoints holds no complete checkpoint")
-        return found
+        return find_latest(run_dir)
     path = Path(resume)
     if (path / "checkpoints").is_dir():
         found = find_latest(path)
@@ -179,27 +253,147 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     return path
 
 
-class AsyncCheckpointer:
-    """Writes snapshots in a background thread; a second save waits for the first to finish."""
+# ----------------------------------------------------------------------------------------------
+# Retention, rollback bookkeeping, leftovers
 
-    def __init__(self) -> None:
+
+def _delete_dir(path: Path) -> None:
+    doomed = path.with_name(path.name + ".deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def latest_pointer(run_dir: Path) -> str | None:
+    p = Path(run_dir) / "checkpoints" / "latest"
+    return p.read_text().strip() if p.is_file() else None
+
+
+def prune(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete "keep" checkpoints beyond the newest `keep_last`; never a release one, never `latest`'s target.
+    Called from the writer thread after a write, so it never races a checkpoint being written."""
+    protected = latest_pointer(run_dir)
+    keeps = []
+    for p in list_checkpoints(run_dir):
+        try:
+            if read_manifest(p).get("kind", RELEASE) == KEEP:
+                keeps.append(p)
+        except CheckpointError:
+            continue  # unreadable: leave it for a human
+    doomed = [p for p in keeps[: max(0, len(keeps) - keep_last)] if p.name != protected]
+    for p in doomed:
+        _delete_dir(p)
+    return doomed
+
+
+def move_aside(run_dir: Path, after_step: int, label: str) -> list[Path]:
+    """Move checkpoints newer than `after_step` (an abandoned branch, after a rollback) to checkpoints/<label>/,
+    kept for inspection but invisible to resume; points `latest` at the newest one left."""
+    root = Path(run_dir) / "checkpoints"
+    aside, n = root / label, 1
+    while aside.exists():  # the same rollback met again after a resume: keep both sets
+        aside, n = root / f"{label}.{n}", n + 1
+    moved = []
+    for p in list_checkpoints(run_dir):
+        if step_of(p) > after_step:
+            aside.mkdir(exist_ok=True)
+            os.replace(p, aside / p.name)
+            moved.append(aside / p.name)
+    remaining = list_checkpoints(run_dir)
+    if remaining:
+        _write_latest(root, remaining[-1].name)
+    return moved
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Partial directories a killed process left (`*.tmp` being written, `*.deleting` being deleted)."""
+    root = Path(run_dir) / "checkpoints"
+    gone = [p for p in root.glob("step-*") if p.is_dir() and p.name.endswith((".tmp", ".deleting"))]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".probe-*"):
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def check_output_dir(run_dir: Path, checkpoint_bytes: int, copies: int = 2) -> None:
+    """Before training: the run directory can be created and written, and holds `copies` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    probe = root / f".probe-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"crystal")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write to output directory {run_dir} ({e.strerror or e}); fix its permissions or free space, "
+            f"or choose another train.out_dir"
+        ) from None
+    check_free_space(root, checkpoint_bytes * copies, what=f"{copies} checkpoints")
+
+
+def check_free_space(directory: Path, needed: int, what: str = "this checkpoint") -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise CheckpointError(
+            f"only {free / 2**20:,.0f} MB free under {directory} but {what} need about {needed / 2**20:,.0f} MB; "
+            f"free space or choose another train.out_dir"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Background writes
+
+
+class AsyncCheckpointer:
+    """Writes snapshots in a background thread; a second save waits for the first to finish.
+
+    The calling thread pays only for the snapshot (one copy of weights + optimizer state); a write
+    that fails surfaces as a CheckpointError at the next poll(), save() or wait(), never silently."""
+
+    def __init__(self, keep_last: int | None = None) -> None:
+        self.keep_last = keep_last
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_path: Path | None = None
+        self.last_stall_s = 0.0  # snapshot: the time training waited
+        self.last_write_s = 0.0  # background write, wall clock
+        self.last_write_cpu_s = 0.0  # CPU time the writer thread used (what it can take from training)
+        self._buffers: dict | None = None  # the last snapshot, reused by the next (its write has finished then)
 
-    def save(self, run_dir: Path, step: int, tensors, meta, config_yaml: str, blocking: bool = False) -> None:
+    def save(
+        self, run_dir: Path, step: int, tensors, meta, config_yaml: str, blocking: bool = False,
+        kind: str = RELEASE, extra_files: dict | None = None,
+    ) -> None:  # fmt: skip
         self.wait()
-        snap = snapshot(tensors)
+        t0 = time.perf_counter()
+        root = Path(run_dir) / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        check_free_space(root, tensor_bytes(tensors) + (1 << 20))
+        snap = self._buffers = snapshot(tensors, into=self._buffers)
+        self.last_stall_s = time.perf_counter() - t0
 
         def work() -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
             try:
-                self.last_path = write_checkpoint(run_dir, step, snap, meta, config_yaml)
-            except BaseException as e:  # surfaced on the next wait()
+                self.last_path = write_checkpoint(run_dir, step, snap, meta, config_yaml, kind, extra_files)
+                if self.keep_last is not None:
+                    prune(run_dir, self.keep_last)
+            except BaseException as e:  # surfaced on the next poll()/wait()
                 self._error = e
+            self.last_write_s, self.last_write_cpu_s = time.perf_counter() - wall, time.thread_time() - cpu
 
         self._thread = threading.Thread(target=work, name=f"checkpoint-{step}", daemon=False)
         self._thread.start()
         if blocking:
+            self.wait()
+
+    def poll(self) -> None:
+        """Raise now if a finished background write failed; never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
             self.wait()
 
     def wait(self) -> None:
@@ -208,4 +402,6 @@ class AsyncCheckpointer:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, CheckpointError):
+                raise err
             raise CheckpointError(f"checkpoint write failed: {err}") from err

@@ -301,13 +301,40 @@ class TrainConfig:
     doc_masking: bool = False  # reset positions and mask attention per packed document
     eval_every: int = 100
     eval_batches: int = 4
-    log_every: int = 10
-    ckpt_every: int = 200
+    log_every: int = 1  # one metrics row per step (skipped steps and rollbacks are always logged)
+    ckpt_every: int = 200  # release interval: every checkpoint here is kept and ends one data chunk
     resume: str | None = None  # a checkpoint dir, a run dir, or 'latest'
     out_dir: str = "outputs"
     run_name: str = "default"
     progress: bool = True
     peak_tflops: float | None = None  # device peak for MFU; None = known GPU table or a CPU matmul probe
+    # Transparency and fault handling (crystal/checkpoint.py, crystal/trainer.py; README "Transparency").
+    ckpt_keep_every: int = 0  # extra resume/rollback checkpoints at this shorter interval; 0 = none
+    ckpt_keep_last: int = 2  # how many of those extra checkpoints to keep (release ones are never deleted)
+    stop_after: int | None = None  # end this process after this step (checkpointed); the schedule still ends at steps
+    spike_factor: float = 2.0  # a loss above spike_factor x the running mean rolls back; 0 = off
+    spike_window: int = 20  # running mean over this many recent finite losses (no spike check before it fills)
+    max_nonfinite: int = 3  # this many consecutive non-finite steps roll back (fewer are skipped and counted)
+    max_rollbacks: int = 5  # give up (clear error) after this many rollbacks in one run
+    tensorboard: bool = True  # also write TensorBoard scalars under <run>/tb when tensorboard is installed
+    plots: bool = True  # draw <run>/plots/*.png at the end (python -m crystal.metrics plot <run> does it any time)
+    allow_config_change: bool = False  # resume although settings that change the math differ (recorded as an event)
+    debug_nan_steps: list[int] = field(default_factory=list)  # test hook: NaN loss on the samples of these steps
+    debug_spike_steps: list[int] = field(default_factory=list)  # test hook: loss x 1000 on these steps' samples
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch", "global_batch", "eval_every", "log_every", "ckpt_every", "ckpt_keep_last",
+                    "spike_window", "max_nonfinite"):  # fmt: skip
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.ckpt_keep_every < 0 or self.max_rollbacks < 0 or self.spike_factor < 0:
+            raise ValueError("train.ckpt_keep_every, train.max_rollbacks and train.spike_factor must be >= 0")
+        if self.spike_factor and self.spike_factor <= 1:
+            raise ValueError(f"train.spike_factor={self.spike_factor} must be > 1 (or 0 to turn spike rollback off)")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"train.stop_after={self.stop_after} must be >= 1 or null")
+        if any(s < 1 for s in [*self.debug_nan_steps, *self.debug_spike_steps]):
+            raise ValueError("train.debug_nan_steps / train.debug_spike_steps name 1-based steps (>= 1)")
 
 
 @dataclass

@@ -15,5 +15,9 @@ class CheckpointError(CrystalError):
     """A checkpoint that is missing, corrupt, or from another run."""
 
 
+class TrainingError(CrystalError):
+    """Training cannot go on (e.g. the loss keeps diverging after the allowed rollbacks)."""
+
+
 # Config validation (__post_init__) raises ValueError; a missing file FileNotFoundError.
 USER_ERRORS = (CrystalError, ValueError, FileNotFoundError)

@@ -7,6 +7,7 @@ python -m crystal.train train.resume=latest      continue the run in outputs/<ru
 
 from __future__ import annotations
 
+import json
 import sys
 
 import hydra
@@ -24,9 +25,21 @@ def train(dcfg: DictConfig) -> dict:
         last = trainer.fit()
         ev = last.get("eval") or trainer.evaluate()
         entropy = unigram_entropy(trainer.data, trainer.loader.mixture_weights)
-        trainer.metrics.log("summary", step=trainer.step, heldout_loss=ev.get("heldout"), unigram_entropy=entropy)
+        trainer.metrics.log("summary", step=trainer.step, heldout_loss=ev.get("heldout"), unigram_entropy=entropy,
+                            skipped_steps=trainer.skipped_steps, rollbacks=trainer.rollbacks)  # fmt: skip
     finally:
         trainer.close()
+    from crystal.errors import CrystalError
+    from crystal.release import describe_run
+
+    try:
+        (trainer.run_dir / "release_manifest.json").write_text(json.dumps(describe_run(trainer.run_dir), indent=1))
+    except CrystalError as e:  # training itself succeeded: say why the run is not release-ready, do not fail
+        print(f"warning: no release_manifest.json: {e}", file=sys.stderr)
+    if cfg.train.plots:
+        from crystal.metrics import plot_runs
+
+        plot_runs([trainer.run_dir], trainer.run_dir / "plots")
     print(
         f"done: step {trainer.step}, {trainer.tokens:,} tokens; held-out loss {ev.get('heldout', float('nan')):.4f} "
         f"nats vs unigram entropy {entropy:.4f} nats; run in {trainer.run_dir}"

@@ -1,14 +1,22 @@
 """The trainer: wires config -> data -> model -> engine -> metrics/checkpoints, and runs the loop.
 
 Stateful parts each round-trip through state_dict/load_state_dict: the engine (model + optimizer),
-the loader (next sample index + what the order depends on), the metrics file (its cursor), the
-RNGs, and the trainer's own counters. A checkpoint is all of them together.
+the loader (next sample index, excluded windows, what the order depends on), the metrics file (its
+cursor), the RNGs, the fault monitor and the trainer's own counters. A checkpoint is all of them.
+
+Faults: a non-finite loss or gradient skips the update (the engine does it) and is counted; a loss
+spike (train.spike_factor x the running mean) or train.max_nonfinite non-finite steps in a row roll
+back to the last checkpoint before the offending data and exclude that data window from then on.
+The exclusion lives in the loader state, so the run stays a pure function of its config: a replay
+meets the same spike, rolls back the same way and ends with the same weights.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +25,26 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from crystal.checkpoint import AsyncCheckpointer, CheckpointError, list_checkpoints, load_checkpoint, resolve_resume
-from crystal.config import Config, OptimConfig, config_to_dict
+from crystal.checkpoint import (
+    KEEP,
+    RELEASE,
+    AsyncCheckpointer,
+    CheckpointError,
+    check_output_dir,
+    list_checkpoints,
+    load_checkpoint,
+    load_meta,
+    move_aside,
+    remove_leftovers,
+    resolve_resume,
+    step_dir_name,
+    step_of,
+    verify_checkpoint,
+)
+from crystal.config import Config, OptimConfig, TrainConfig, config_to_dict
 from crystal.data.loader import Batch, DataLoader
 from crystal.data.prepare import PreparedData, prepare_data
+from crystal.errors import TrainingError
 from crystal.metrics import MetricsLogger
 from crystal.model import CrystalCoder, build_model, group_settings, param_group_of
 from crystal.utils import (
@@ -37,10 +61,14 @@ from streaming.backends.base import AdamWSettings, ParamGroupSpec
 
 
 class CrystalAdapter:
-    """Tells the generic engines in streaming/ how to run CrystalCoder on a crystal Batch."""
+    """Tells the generic engines in streaming/ how to run CrystalCoder on a crystal Batch.
 
-    def __init__(self, model: CrystalCoder, doc_masking: bool) -> None:
+    `poison` (test hook, train.debug_*_steps) maps sample indices to a loss factor: NaN makes the step
+    non-finite, 1000 makes it a spike. Keyed by sample, not step, so excluding the window removes it."""
+
+    def __init__(self, model: CrystalCoder, doc_masking: bool, poison: dict[int, float] | None = None) -> None:
         self.model, self.blocks, self.doc_masking = model, model.blocks, doc_masking
+        self.poison = poison or {}
 
     def block_args(self, batch: Batch) -> tuple:
         if self.doc_masking:
@@ -50,17 +78,33 @@ class CrystalAdapter:
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.model.embed(batch.input_ids)
 
+    def _poisoned(self, loss: torch.Tensor, batch: Batch) -> torch.Tensor:
+        for i in batch.sample_index if self.poison else ():
+            if int(i) in self.poison:
+                loss = loss * self.poison[int(i)]
+        return loss
+
     def head_loss(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self.model.head_loss(x, batch.targets)
+        return self._poisoned(self.model.head_loss(x, batch.targets), batch)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch.input_ids, batch.targets, *self.block_args(batch))
+        return self._poisoned(self.model(batch.input_ids, batch.targets, *self.block_args(batch)), batch)
 
     def to_device(self, batch: Batch, device: torch.device) -> Batch:
         return batch.to(device)
 
     def num_tokens(self, batch: Batch) -> int:
         return batch.num_tokens
+
+
+def debug_poison(t: TrainConfig) -> dict[int, float]:
+    """train.debug_nan_steps / debug_spike_steps -> {sample index: loss factor}. Step n (1-based) names the
+    samples it reads in the order without exclusions: [(n-1) G, n G)."""
+    out: dict[int, float] = {}
+    for steps, factor in ((t.debug_spike_steps, 1000.0), (t.debug_nan_steps, math.nan)):
+        for n in steps:
+            out.update(dict.fromkeys(range((n - 1) * t.global_batch, n * t.global_batch), factor))
+    return out
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -110,6 +154,97 @@ def unigram_entropy(data: PreparedData, weights: dict[str, float]) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+# Settings a resume may change freely: where and how a run is observed, stored and stopped, not what it computes.
+OPERATIONAL_KEYS = {
+    "train.resume", "train.stop_after", "train.progress", "train.plots", "train.tensorboard", "train.out_dir",
+    "train.run_name", "train.device", "train.eval_every", "train.eval_batches", "train.log_every",
+    "train.ckpt_every", "train.ckpt_keep_every", "train.ckpt_keep_last", "train.peak_tflops", "train.max_rollbacks",
+    "train.allow_config_change", "data.num_workers", "data.cache_dir", "data.verify", "data.part_mb",
+    "data.allow_data_change", "model.ops", "model.name", "backend.name",
+}  # fmt: skip
+
+
+def config_from_yaml(text: str) -> Config:
+    """A checkpoint's config.yaml -> Config (validated like any config)."""
+    from crystal.config import to_dataclass
+
+    return to_dataclass(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ and that change what training computes. train.steps is not among
+    them: extending a finished run resumes from its last (release) checkpoint, so no data chunk spans
+    two schedules; the trainer records the change as an event."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("mixture", "aliases") else
+                       {f"{prefix}{k}": v})  # fmt: skip
+        return out
+
+    a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
+    ignore = {*OPERATIONAL_KEYS, "train.steps"}
+    if getattr(new.data, "allow_data_change", False):  # the loader accepts and records data changes itself
+        ignore |= {k for k in set(a) | set(b) if k.startswith("data.")}
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults
+
+
+@dataclass
+class Fault:
+    reason: str
+    samples: tuple[int, int]  # [start, end) sample window to exclude
+    steps: tuple[int, int]  # first and last offending step (1-based)
+
+
+class FaultMonitor:
+    """Watches each step's loss: a spike over the running mean, or K non-finite steps in a row, is a Fault."""
+
+    def __init__(self, spike_factor: float, window: int, max_nonfinite: int) -> None:
+        self.spike_factor, self.window, self.max_nonfinite = spike_factor, window, max_nonfinite
+        self.recent: list[float] = []  # last `window` finite losses
+        self.bad_run: list[int] = []  # [first step, first sample, count] of the current non-finite run
+
+    def observe(self, step: int, loss: float, skipped: bool, samples: tuple[int, int]) -> Fault | None:
+        if skipped:
+            if not self.bad_run:
+                self.bad_run = [step, samples[0], 0]
+            self.bad_run[2] += 1
+            if self.bad_run[2] >= self.max_nonfinite:
+                first_step, first_sample, n = self.bad_run
+                return Fault(f"{n} non-finite steps in a row", (first_sample, samples[1]), (first_step, step))
+            return None
+        self.bad_run = []
+        if self.spike_factor and len(self.recent) >= self.window:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.spike_factor * mean:
+                why = f"loss spike {loss:.4g} > {self.spike_factor:g} x running mean {mean:.4g}"
+                return Fault(why, samples, (step, step))
+        self.recent = [*self.recent, loss][-self.window :]
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "bad_run": list(self.bad_run)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent, self.bad_run = list(state.get("recent", [])), list(state.get("bad_run", []))
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+
 class Trainer:
     def __init__(self, cfg: Config, config_yaml: str | None = None, log=print) -> None:
         self.cfg, self.log = cfg, log
@@ -122,6 +257,10 @@ class Trainer:
         if self.seq_len > cfg.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
         self._check_run_dir()
+        # The CPU peak probe draws random matrices: done before seeding so it never shifts the RNG streams.
+        self.peak_flops = (
+            (t.peak_tflops * 1e12) if t.peak_tflops else device_peak_flops(self.device.type, device_name(self.device))
+        )
         set_determinism(t.seed)
 
         self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=log)
@@ -129,40 +268,46 @@ class Trainer:
             self.data, self.seq_len, t.global_batch, t.micro_batch, t.seed, mixture=cfg.data.source_mixture()
         )
         model = build_model(cfg.model, device="cpu", seed=t.seed)
-        self.adapter = CrystalAdapter(model, t.doc_masking)
+        self.adapter = CrystalAdapter(model, t.doc_masking, debug_poison(t))
         self.engine = build_engine(cfg, self.adapter, self.device, self.amp)
-        self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl")
-        self.checkpointer = AsyncCheckpointer()
+        self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl", self.run_dir / "tb" if t.tensorboard else None)
+        self.checkpointer = AsyncCheckpointer(keep_last=t.ckpt_keep_last)
+        self.monitor = FaultMonitor(t.spike_factor, t.spike_window, t.max_nonfinite)
         self.step = 0  # optimizer updates done (including skipped ones)
         self.tokens = 0
         self.skipped_steps = 0
+        self.rollbacks = 0
+        self.skipped_windows: list[dict[str, Any]] = []  # every window excluded by a rollback, with why
+        self.chunk = 0  # data chunk the next step belongs to (chunk k ends at release checkpoint k)
+        self.chunk_start = (0, 0)  # (loader sample index, step) where that chunk begins
+        self._rolled_back = False  # the next metrics row says a rollback just happened
         self.flops_per_token = cfg.model.flops_per_token(self.seq_len)
-        self.peak_flops = (
-            (t.peak_tflops * 1e12) if t.peak_tflops else device_peak_flops(self.device.type, device_name(self.device))
-        )
-        self._write_run_files()
+        self._data_manifest = json.dumps({**self.data.manifest, "fingerprint": self.data.fingerprint}, indent=1,
+                                         sort_keys=True)  # fmt: skip
         if t.resume:
             self.resume(t.resume)
+        self._write_run_files()  # after the resume checks: a refused resume leaves the run's files as they were
 
     # -- run directory ----------------------------------------------------------------------------
 
     def _check_run_dir(self) -> None:
-        """Never train over an existing run by accident: resume it or name a new one."""
+        """Never train over an existing run by accident: resume it or name a new one. Fail before training if
+        the directory cannot be written or the disk cannot hold checkpoints."""
+        check_output_dir(self.run_dir, self.cfg.model.num_params() * 4 * 3 + (1 << 20))
+        remove_leftovers(self.run_dir)  # partial writes of a killed process
         existing = list_checkpoints(self.run_dir)
         if existing and not self.cfg.train.resume:
             raise CheckpointError(
                 f"{self.run_dir} already holds a run (last checkpoint {existing[-1].name}); pass train.resume=latest "
                 f"to continue it or train.run_name=<new name> to start another"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists() and not existing:  # a run that died before its first checkpoint: keep its rows aside
             metrics.rename(self.run_dir / f"metrics.{int(time.time())}.abandoned.jsonl")
 
     def _write_run_files(self) -> None:
         (self.run_dir / "config.yaml").write_text(self.config_yaml)
-        manifest = {**self.data.manifest, "fingerprint": self.data.fingerprint}
-        (self.run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        (self.run_dir / "data_manifest.json").write_text(self._data_manifest)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -172,48 +317,144 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+            "skipped_windows": self.skipped_windows,
             "stage": self.cfg.train.stage,
+            "chunk": self.chunk,
+            "chunk_start": list(self.chunk_start),
             "loader": self.loader.state_dict(),
             "metrics": self.metrics.state_dict(),
+            "faults": self.monitor.state_dict(),
             "rng": rng_state(),
             "model_config": config_to_dict(self.cfg)["model"],
             "data_fingerprint": self.data.fingerprint,
             "tokenizer_sha256": self.data.tokenizer.sha256,
             "git_commit": git_commit(),
+            "env": {
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "device": device_name(self.device),
+            },  # fmt: skip
         }
 
-    def save_checkpoint(self, blocking: bool = False) -> None:
-        self.checkpointer.save(
-            self.run_dir, self.step, self.engine.state_dict(), self.state_dict(), self.config_yaml, blocking=blocking
-        )
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        """Counters, loader, metrics (rewound), RNGs and fault monitor from a checkpoint of this stage."""
+        self.loader.load_state_dict(meta["loader"], allow_data_change=False)
+        self.metrics.load_state_dict(meta["metrics"], step=meta["step"])
+        set_rng_state(meta["rng"])
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self.rollbacks = meta.get("rollbacks", 0)
+        self.skipped_windows = list(meta.get("skipped_windows", []))
+        self.chunk, self.chunk_start = meta.get("chunk", 0), tuple(meta.get("chunk_start", (0, 0)))
+        self.monitor.load_state_dict(meta.get("faults", {}))
+
+    def save_checkpoint(self, kind: str = RELEASE, blocking: bool = False) -> None:
+        """Snapshot now (the only stall), write in the background. A release checkpoint ends the current data
+        chunk: it carries the chunk's record, and the next step starts chunk + 1."""
+        extra: dict[str, Any] = {"data_manifest.json": self._data_manifest}
+        ends_chunk = self._ending_chunk() if kind == RELEASE else None
+        if ends_chunk is not None:
+            extra["chunk.json"] = self._chunk_record_fn(ends_chunk)
+            self.chunk, self.chunk_start = self.chunk + 1, (self.loader.sample_index, self.step)
+        self.metrics.log("checkpoint", step=self.step, tokens=self.tokens, checkpoint=step_dir_name(self.step),
+                         ckpt_kind=kind, ends_chunk=ends_chunk)  # fmt: skip
+        meta = {**self.state_dict(), "ends_chunk": ends_chunk}
+        self.checkpointer.save(self.run_dir, self.step, self.engine.state_dict(), meta, self.config_yaml,
+                               blocking=blocking, kind=kind, extra_files=extra)  # fmt: skip
+
+    def _ending_chunk(self) -> int | None:
+        """The chunk a release checkpoint now would end; None when no step ran since the last one."""
+        return self.chunk if self.step > self.chunk_start[1] else None
+
+    def _chunk_record_fn(self, chunk: int):
+        """The chunk record, computed later in the writer thread from values frozen now."""
+        from crystal.release import chunk_record
+
+        (start, first_step), end, excluded = self.chunk_start, self.loader.sample_index, list(self.loader.excluded)
+        steps, loader = [first_step, self.step], self.loader
+        return lambda: json.dumps(chunk_record(loader, chunk, start, end, excluded, steps), indent=1, sort_keys=True)
 
     def resume(self, resume: str) -> None:
         path = resolve_resume(resume, self.run_dir)
+        if path is None:
+            self.log(f"train.resume=latest: {self.run_dir} has no checkpoint yet; starting from scratch")
+            return
         ckpt = load_checkpoint(path)
-        self._check_model_config(ckpt.meta["model_config"], path)
-        same_stage = ckpt.meta.get("stage", 0) == self.cfg.train.stage
+        meta = ckpt.meta
+        same_stage = meta.get("stage", 0) == self.cfg.train.stage
+        self._check_compatible(meta, path, same_stage)
+        own = path.resolve().parent.parent == self.run_dir.resolve()
+        if not own and list_checkpoints(self.run_dir):
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints of its own; continue it with train.resume=latest, or start "
+                f"from {path} under a new train.run_name"
+            )
+        events = self._check_config_unchanged(ckpt.config_yaml, path) if same_stage else []
         self.engine.load_state_dict(ckpt.tensors)
         if not same_stage:
             # Stage transition (CrystalCoder 1 -> 2 -> 3): weights and Adam moments carry over; the step
             # count, LR schedule and data order start afresh with the new stage's mixture.
             self.metrics.log("event", event="stage_transition", from_checkpoint=str(path), step=0,
-                             from_stage=ckpt.meta.get("stage", 0), to_stage=self.cfg.train.stage)  # fmt: skip
-            self.log(f"stage {ckpt.meta.get('stage', 0)} -> {self.cfg.train.stage}: starting from weights of {path}")
+                             from_stage=meta.get("stage", 0), to_stage=self.cfg.train.stage)  # fmt: skip
+            self.log(f"stage {meta.get('stage', 0)} -> {self.cfg.train.stage}: starting from weights of {path}")
             return
-        self.loader.load_state_dict(ckpt.meta["loader"], allow_data_change=False)
-        self.metrics.load_state_dict(ckpt.meta["metrics"])
-        set_rng_state(ckpt.meta["rng"])
-        self.step, self.tokens = ckpt.meta["step"], ckpt.meta["tokens"]
-        self.skipped_steps = ckpt.meta.get("skipped_steps", 0)
+        if own:
+            newer = move_aside(self.run_dir, meta["step"], f"superseded-at-{meta['step']}")  # an older one was named
+            self.load_state_dict(meta)
+            if newer:
+                self.metrics.log("event", event="resumed_from_older", step=self.step, checkpoint=path.name,
+                                 moved_aside=[str(p) for p in newer])  # fmt: skip
+        else:  # a fork: another run's state, this run's (empty) metrics file
+            self.loader.load_state_dict(meta["loader"], allow_data_change=False)
+            set_rng_state(meta["rng"])
+            self.step, self.tokens = meta["step"], meta["tokens"]
+            self.chunk, self.chunk_start = meta.get("chunk", 0), tuple(meta.get("chunk_start", (0, 0)))
+            self.metrics.log("event", event="forked", from_checkpoint=str(path), step=self.step)
+        for row in events:
+            self.metrics.log("event", step=self.step, **row)
         self.log(f"resumed from {path} at step {self.step}")
 
-    def _check_model_config(self, saved: dict[str, Any], path: Path) -> None:
-        mine = config_to_dict(self.cfg)["model"]
+    def _check_config_unchanged(self, saved_yaml: str, path: Path) -> list[dict[str, Any]]:
+        """A resume continues the same computation: refuse changed settings unless train.allow_config_change.
+        Returns the event rows to log once the metrics file is rewound (a changed train.steps, allowed ones)."""
+        saved = config_from_yaml(saved_yaml)
+        events = []
+        if saved.train.steps != self.cfg.train.steps:
+            events.append({"event": "steps_changed", "checkpoint": str(path), "was": saved.train.steps,
+                           "now": self.cfg.train.steps})  # fmt: skip
+        changed = config_changes(saved, self.cfg)
+        if not changed:
+            return events
+        detail = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(self.cfg, k)!r}" for k in changed[:4])
+        if not self.cfg.train.allow_config_change:
+            raise CheckpointError(
+                f"resuming {path} with changed settings ({detail}); the run would no longer be one reproducible "
+                f"computation. Restore them, start a new train.run_name, or pass train.allow_config_change=true"
+            )
+        self.log(f"warning: resuming {path} with changed settings: {detail}")
+        return [*events, {"event": "config_changed", "checkpoint": str(path), "changed": changed, "detail": detail}]
+
+    def _check_compatible(self, meta: dict[str, Any], path: Path, same_stage: bool) -> None:
+        """One line naming what differs: model config, tokenizer, or (same stage) the data fingerprint."""
+        saved, mine = meta["model_config"], config_to_dict(self.cfg)["model"]
         ignore = {"ops", "name"}  # implementation choice and label, not the function
         diff = [k for k in sorted(set(saved) | set(mine)) if k not in ignore and saved.get(k) != mine.get(k)]
         if diff:
             detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs run {mine.get(k)!r}" for k in diff[:4])
             raise CheckpointError(f"checkpoint {path} is for a different model ({detail}); use a matching model config")
+        if meta.get("tokenizer_sha256") not in (None, self.data.tokenizer.sha256):
+            raise CheckpointError(
+                f"checkpoint {path} was trained with tokenizer sha256 {meta['tokenizer_sha256'][:12]}, this run's "
+                f"tokenizer is {self.data.tokenizer.sha256[:12]}; use the same data.tokenizer settings"
+            )
+        allowed = getattr(self.cfg.data, "allow_data_change", False)  # then the loader records the change
+        if same_stage and not allowed and meta.get("data_fingerprint") not in (None, self.data.fingerprint):
+            raise CheckpointError(
+                f"checkpoint {path} was trained on data fingerprint {meta['data_fingerprint'][:12]}, this run's data "
+                f"is {self.data.fingerprint[:12]} (different sources, shards or tokenizer); restore that data or "
+                f"start a new run with train.run_name=<name>"
+            )
 
     # -- loop -------------------------------------------------------------------------------------
 
@@ -222,7 +463,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        first_sample = self.loader.sample_index
+        first_sample = self.loader.next_samples(1)[0]
         batches = self.loader.next_step()
         lr = self.lr(self.step)
         result = self.engine.train_step(batches, lr)
@@ -235,7 +476,8 @@ class Trainer:
         tok_s = result.tokens / dt
         return {
             "step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-            "tok_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak_flops, "skipped": result.skipped,
+            "tok_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak_flops, "chunk": self.chunk,
+            "skipped": result.skipped, "rolled_back": self._rolled_back,
             "samples": [first_sample, self.loader.sample_index], "step_s": dt,
         }  # fmt: skip
 
@@ -251,6 +493,49 @@ class Trainer:
             out["heldout"] = sum(out[n] * w for n, w in weights.items()) / sum(weights.values())
         return out
 
+    def rollback(self, fault: Fault) -> Path:
+        """Back to the newest checkpoint before the offending samples; exclude them from now on."""
+        t = self.cfg.train
+        self.checkpointer.wait()
+        if self.rollbacks >= t.max_rollbacks:
+            raise TrainingError(
+                f"{fault.reason} at step {fault.steps[1]} after {self.rollbacks} rollbacks (train.max_rollbacks); "
+                f"the run keeps diverging: lower optim.lr, raise optim.warmup_steps, or inspect the data in "
+                f"{self.run_dir}/metrics.jsonl"
+            )
+        target = None
+        for p in reversed(list_checkpoints(self.run_dir)):
+            if step_of(p) < fault.steps[0] and load_meta(p)["loader"]["sample_index"] <= fault.samples[0]:
+                try:
+                    verify_checkpoint(p)
+                    target = p
+                    break
+                except CheckpointError:
+                    continue
+        if target is None:
+            raise TrainingError(f"{fault.reason} at step {fault.steps[1]} but {self.run_dir} has no checkpoint "
+                                f"before it to roll back to")  # fmt: skip
+        excluded = list(self.loader.excluded)
+        window = {"samples": list(fault.samples), "steps": list(fault.steps), "reason": fault.reason,
+                  "rollback": self.rollbacks + 1, "to_step": step_of(target)}  # fmt: skip
+        windows, rollbacks = [*self.skipped_windows, window], self.rollbacks + 1
+        from_step, from_tokens = self.step, self.tokens
+        moved = move_aside(self.run_dir, step_of(target), f"rolled-back-{rollbacks}")
+        ckpt = load_checkpoint(target)
+        self.engine.load_state_dict(ckpt.tensors)
+        self.load_state_dict(ckpt.meta)
+        for a, b in [*excluded, fault.samples]:
+            self.loader.exclude(a, b)
+        self.rollbacks, self.skipped_windows = rollbacks, windows
+        self.metrics.log("event", event="rollback", reason=fault.reason, step=self.step, tokens=self.tokens,
+                         from_step=from_step, from_tokens=from_tokens, to_checkpoint=target.name,
+                         excluded_samples=list(fault.samples), offending_steps=list(fault.steps),
+                         moved_aside=[str(p) for p in moved])  # fmt: skip
+        self.log(f"{fault.reason} at step {from_step}: rolled back to {target.name}, samples "
+                 f"[{fault.samples[0]}, {fault.samples[1]}) excluded from now on")  # fmt: skip
+        self._rolled_back = True
+        return target
+
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
         n_params = sum(p.numel() for p in self.adapter.model.parameters())
@@ -258,27 +543,48 @@ class Trainer:
             f"training {t.steps} steps of {self.cfg.model.name} ({n_params:,} params) on {device_name(self.device)}; "
             f"run dir {self.run_dir}"
         )
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, dynamic_ncols=True, desc="train")
         last: dict[str, Any] = {}
+        if not list_checkpoints(self.run_dir):  # where this run starts (step 0 or a stage's start) is checkpoint -1
+            last["eval"] = self._evaluate_and_log(checkpoint=True)
+            self.save_checkpoint(RELEASE)
+        end = min(t.steps, t.stop_after or t.steps)  # this process stops at `end`; the schedule runs to t.steps
+        bar = tqdm(total=end, initial=self.step, disable=not t.progress, dynamic_ncols=True, desc="train")
         try:
-            while self.step < t.steps:
+            while self.step < end:
+                self.checkpointer.poll()  # a failed background write stops training here, not later
                 row = self.train_step()
+                fault = self.monitor.observe(row["step"], row["loss"], row["skipped"], tuple(row["samples"]))
+                if fault is not None:
+                    self.metrics.log("train", **row, fault=fault.reason)  # the rewind moves it to metrics.replaced
+                    self.rollback(fault)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
                 last = row
-                if self.step % t.log_every == 0 or self.step == t.steps or row["skipped"]:
+                if self.step % t.log_every == 0 or self.step == t.steps or row["skipped"] or row["rolled_back"]:
                     self.metrics.log("train", **row)
+                self._rolled_back = False
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_s']:,.0f}", lr=f"{row['lr']:.2e}")
-                if self.step % t.eval_every == 0 or self.step == t.steps:
-                    ev = self.evaluate()
-                    self.metrics.log("eval", step=self.step, tokens=self.tokens, **ev)
-                    last["eval"] = ev
-                    bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                if self.step % t.ckpt_every == 0 or self.step == t.steps:
-                    self.save_checkpoint()
+                release = self.step % t.ckpt_every == 0 or self.step == t.steps
+                stop = self.step == end and end < t.steps
+                if self.step % t.eval_every == 0 or release:
+                    last["eval"] = self._evaluate_and_log(checkpoint=release)
+                    bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in last["eval"].items()))
+                if release:
+                    self.save_checkpoint(RELEASE)
+                elif stop or (t.ckpt_keep_every and self.step % t.ckpt_keep_every == 0):
+                    self.save_checkpoint(KEEP)
         finally:
             bar.close()
             self.checkpointer.wait()
         return last
+
+    def _evaluate_and_log(self, checkpoint: bool) -> dict[str, float]:
+        ev = self.evaluate()
+        where = {"checkpoint": step_dir_name(self.step), "chunk": self._ending_chunk()} if checkpoint else {}
+        self.metrics.log("eval", step=self.step, tokens=self.tokens, **where, **ev)
+        return ev
 
     def close(self) -> None:
         self.checkpointer.wait()

@@ -36,7 +36,9 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(fast_config):
     full = run_trainer(fast_config(*SMALL, "train.steps=6", "train.ckpt_every=3", "train.run_name=full"))
-    part = run_trainer(fast_config(*SMALL, "train.steps=3", "train.ckpt_every=3", "train.run_name=part"))
+    # the first process stops after 3 of 6 steps (the LR schedule still spans 6)
+    part = run_trainer(fast_config(*SMALL, "train.steps=6", "train.stop_after=3", "train.ckpt_every=3",
+                                   "train.run_name=part"))  # fmt: skip
     resumed = run_trainer(fast_config(*SMALL, "train.steps=6", "train.ckpt_every=3", "train.run_name=part",
                                       "train.resume=latest"))  # fmt: skip
     assert resumed.step == 6
@@ -55,7 +57,8 @@ def test_checkpoint_contents(fast_config):
     ckpt = find_latest(t.run_dir)
     assert ckpt.name == "step-00000002"
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "trainer.json", "config.yaml"}
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "trainer.json", "config.yaml",
+                                      "data_manifest.json", "chunk.json"}  # fmt: skip
     loaded = load_checkpoint(ckpt)
     assert "wte.weight" in loaded.tensors["model"] and "wte.weight.exp_avg_sq" in loaded.tensors["optimizer"]
     assert loaded.meta["step"] == 2 and loaded.meta["data_fingerprint"] == t.data.fingerprint
@@ -111,6 +114,7 @@ def test_cli_smoke_run_writes_metrics_and_a_checkpoint(tmp_path):
     rows = read_metrics(run / "metrics.jsonl")
     assert {r["kind"] for r in rows} >= {"train", "eval", "summary"}
     assert "stage: 2" in (run / "config.yaml").read_text()
+    assert (run / "release_manifest.json").is_file() and (run / "plots" / "loss.png").is_file()
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crystal.checkpoint import list_checkpoints, load_checkpoint
+from crystal.checkpoint import load_checkpoint
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError, DataError
 from crystal.model import CrystalCoder, build_model
@@ -216,14 +216,18 @@ def _add_run(tl: Timeline, path: Path) -> None:
     prev_stage = tl.checkpoints[-1].stage if tl.checkpoints else None
     is_release = (path / "manifest.json").is_file() or next(path.rglob("train_*.jsonl"), None) is not None
     if not is_release:
-        ckpts = list_checkpoints(path)
+        from crystal.release import release_checkpoints
+
+        ckpts = release_checkpoints(path)  # keep-interval checkpoints (resume/rollback only) end no chunk
+        metas = [_meta(c) for c in ckpts]
+        start = 0
+        if metas and metas[0].get("ends_chunk", 0) is None:  # where the run started (step 0 or a stage's start)
+            start, ckpts, metas = int(metas[0]["loader"]["sample_index"]), ckpts[1:], metas[1:]
         if not ckpts:
             raise AnalysisError(f"run directory {path} holds no complete checkpoint")
-        metas = [_meta(c) for c in ckpts]
         config = _read_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
         run = Run(path, "run", config, metas[-1].get("data_fingerprint"))
         pairs = []
-        start = 0
         for c, m in zip(ckpts, metas):
             end = int(m["loader"]["sample_index"])
             samples = _excluded(start, end, m["loader"].get("excluded", []))

@@ -237,6 +237,8 @@ class DataLoader:
         )  # fmt: skip
         self.fim_pad_id = data.tokenizer.base_vocab + ADDED_TOKENS.index("<|fim_pad|>")
         self.sample_index = 0
+        # [start, end) sample ranges never trained on (a rollback skips the window that spiked); sorted, disjoint
+        self.excluded: list[tuple[int, int]] = []
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -256,6 +258,7 @@ class DataLoader:
             "mixture": self.mixture_weights,
             "epochs": self.epochs,
             "data_changes": self.data_changes,
+            "excluded": [list(r) for r in self.excluded],
         }
 
     def load_state_dict(self, state: dict[str, Any], allow_data_change: bool = False) -> None:
@@ -278,6 +281,31 @@ class DataLoader:
             self.data_changes.append(
                 {"at_sample": self.sample_index, "changed": {k: {"was": old[k], "now": mine[k]} for k in changed}}
             )
+        self.excluded = [(int(a), int(b)) for a, b in state.get("excluded", [])]
+
+    def exclude(self, start: int, end: int) -> None:
+        """Never train on samples [start, end) from now on (merged with earlier exclusions)."""
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted([*self.excluded, (int(start), int(end))]):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.excluded = merged
+
+    def next_samples(self, n: int, start: int | None = None) -> list[int]:
+        """The next n sample indices from `start` (default: the loader's position), skipping exclusions."""
+        i, out = self.sample_index if start is None else start, []
+        for a, b in self.excluded:
+            if b <= i:
+                continue
+            while len(out) < n and i < a:
+                out.append(i)
+                i += 1
+            if len(out) == n:
+                return out
+            i = max(i, b)
+        return out + list(range(i, i + n - len(out)))
 
     # -- batches ----------------------------------------------------------------------------------
 
@@ -311,7 +339,10 @@ class DataLoader:
 
     def step_batches(self, step: int) -> list[Batch]:
         """This rank's micro-batches of optimizer step `step` (pure: no state read or changed)."""
-        samples = self.samples_of_step(step)
+        return self.rank_batches(self.samples_of_step(step))
+
+    def rank_batches(self, samples: list[int] | range) -> list[Batch]:
+        """One step's global batch of sample indices -> this rank's micro-batches."""
         mb = self.micro_batch
         out = []
         for a in range(self.accum_steps):
@@ -320,6 +351,10 @@ class DataLoader:
         return out
 
     def next_step(self) -> list[Batch]:
+        if self.excluded:
+            samples = self.next_samples(self.global_batch)
+            self.sample_index = samples[-1] + 1
+            return self.rank_batches(samples)
         if self.sample_index % self.global_batch:
             raise DataError(f"loader sample index {self.sample_index} is not at a step boundary of {self.global_batch}")
         batches = self.step_batches(self.sample_index // self.global_batch)
