@@ -587,5 +587,10 @@ class Trainer:
         return ev
 
     def close(self) -> None:
-        self.checkpointer.wait()
-        self.metrics.close()
+        try:
+            self.checkpointer.wait()
+        finally:
+            # Engines holding outside state (a cstorch run, streaming threads) release it here.
+            if hasattr(self.engine, "close"):
+                self.engine.close()
+            self.metrics.close()
