@@ -420,8 +420,38 @@ class CerebrasConfig:
 
 
 @dataclass
+class StreamingConfig:
+    """backend=streaming: weights and AdamW state in a host store, blocks streamed through two device buffers
+    (streaming/, README "Weight streaming")."""
+
+    # batch_major: every micro-batch streams all layers (weights cross the link 2 x micro-batches per step);
+    # layer_major: a layer, once on the device, serves every micro-batch of the step (as a CS-2 does), at
+    # the cost of keeping every micro-batch's block inputs at once.
+    schedule: str = "batch_major"
+    prefetch: int = 1  # 0: copy a block, then compute it; 1: copy block i+1 while block i computes
+    recompute: bool = True  # block internals recomputed in backward (only block inputs kept)
+    stream_dtype: str = "auto"  # weights sent to the device: auto (bf16 under bf16 autocast, else fp32) | fp32 | bf16
+    grad_dtype: str = "fp32"  # gradients sent back: fp32 | bf16
+    pin_memory: bool = True  # page-locked host store when CUDA is present (falls back to pageable with a warning)
+    overlap_optimizer: str = "auto"  # host AdamW of step t overlaps step t+1's forward: auto (on CUDA) | on | off
+    trace: bool = False  # record per-lane timings (<run>/streaming_trace.json, Chrome/Perfetto format)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "schedule": ("batch_major", "layer_major"), "stream_dtype": ("auto", "fp32", "bf16"),
+            "grad_dtype": ("fp32", "bf16"), "overlap_optimizer": ("auto", "on", "off"),
+        }  # fmt: skip
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"backend.streaming.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        if self.prefetch not in (0, 1):
+            raise ValueError(f"backend.streaming.prefetch={self.prefetch}: use 0 (no prefetch) or 1 (double buffer)")
+
+
+@dataclass
 class BackendConfig:
     name: str = "resident"  # resident | streaming | cerebras
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)  # used only by name=streaming
     cerebras: CerebrasConfig = field(default_factory=CerebrasConfig)  # used only by name=cerebras
 
 

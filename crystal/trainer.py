@@ -134,11 +134,19 @@ def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp
         from streaming.backends.resident import ResidentEngine
 
         return ResidentEngine(adapter, groups, settings, device, amp)
+    if name == "streaming":
+        from dataclasses import asdict
+
+        from streaming.backends.streaming import StreamingEngine
+        from streaming.swarm import init_from_env
+
+        return StreamingEngine(adapter, groups, settings, device, amp, swarm=init_from_env(),
+                               **asdict(cfg.backend.streaming))  # fmt: skip
     if name == "cerebras":  # cerebras-pytorch, in its own venv (crystal/cerebras.py)
         from crystal.cerebras import build_cerebras_engine
 
         return build_cerebras_engine(cfg, adapter, groups, settings, amp)
-    raise ValueError(f"backend.name={name!r} is not available; known backends: resident, cerebras")
+    raise ValueError(f"backend.name={name!r} is not available; known backends: resident, streaming, cerebras")
 
 
 def unigram_entropy(data: PreparedData, weights: dict[str, float]) -> float:
@@ -185,6 +193,8 @@ def config_changes(old: Config, new: Config) -> list[str]:
 
     a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
     ignore = {*OPERATIONAL_KEYS, "train.steps"}
+    # How blocks are streamed never changes the result (streamed steps equal resident ones bit for bit).
+    ignore |= {k for k in set(a) | set(b) if k.startswith("backend.streaming.")}
     if getattr(new.data, "allow_data_change", False):  # the loader accepts and records data changes itself
         ignore |= {k for k in set(a) | set(b) if k.startswith("data.")}
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
@@ -256,6 +266,10 @@ class Trainer:
         self.seq_len = t.seq_len or cfg.model.max_seq_len
         if self.seq_len > cfg.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        if cfg.backend.name == "streaming":  # refuse before touching disk or allocating
+            from streaming.store import check_host_memory
+
+            check_host_memory(cfg.model.num_params())
         self._check_run_dir()
         # The CPU peak probe draws random matrices: done before seeding so it never shifts the RNG streams.
         self.peak_flops = (

@@ -1,0 +1,201 @@
+"""The streaming engine: host store + executor + host AdamW (+ SwarmX), behind the same interface as the
+resident engine, so the trainer, checkpoints and metrics do not know which one runs."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
+from streaming.executor import Executor, HostWorker
+from streaming.optimizer import HostAdamW
+from streaming.store import HostStore, Unit
+from streaming.swarm import Swarm
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_stream_dtype(stream_dtype: str, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """auto: bf16 weights on the link when the device computes in bf16 anyway, else fp32."""
+    if stream_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and autocast_dtype == torch.bfloat16 else torch.float32
+    return DTYPES[stream_dtype]
+
+
+class StreamingEngine:
+    def __init__(
+        self,
+        adapter: StreamableModel,
+        groups: list[ParamGroupSpec],
+        settings: AdamWSettings,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        *,
+        schedule: str = "batch_major",
+        prefetch: int = 1,
+        recompute: bool = True,
+        stream_dtype: str = "auto",
+        grad_dtype: str = "fp32",
+        pin_memory: bool = True,
+        overlap_optimizer: str = "auto",
+        trace: bool = False,
+        swarm: Swarm | None = None,
+        check_memory: bool = True,
+    ) -> None:
+        if not recompute:
+            raise ValueError(
+                "backend.streaming.recompute=false is not supported: the device keeps only block inputs and "
+                "recomputes block internals (two weight buffers cannot back a saved autograd graph)"
+            )
+        self.adapter, self.device, self.swarm = adapter, device, swarm
+        cuda = device.type == "cuda"
+        weights_dtype = resolve_stream_dtype(stream_dtype, device, autocast_dtype)
+        self.grad_dtype = DTYPES[grad_dtype]
+        self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype,
+                               check_memory=check_memory)  # fmt: skip
+        self.optimizer = HostAdamW(self.store, groups, settings)
+        self.executor = Executor(
+            adapter, self.store, device, schedule=schedule, prefetch=prefetch, compute_dtype=weights_dtype,
+            grad_dtype=self.grad_dtype, autocast_dtype=autocast_dtype, trace=trace,
+        )  # fmt: skip
+        self.overlap = overlap_optimizer == "on" or (overlap_optimizer == "auto" and cuda)
+        self.worker = HostWorker(threaded=cuda)
+        self.executor.before_load = self._wait_update
+        self.updates: dict[int, Future] = {}  # id(unit) -> its pending update of the last step
+        self.landed: list[Future] = []  # this step's gradient arrivals on the host
+        largest = max(self.store.rest.layout.numel, self.store.block_layout.numel)
+        self.staging = [torch.empty(largest, dtype=self.grad_dtype).pin_memory() for _ in range(2)] if cuda else []
+        self.staging_busy: list[Future | None] = [None, None]
+        self.staging_next = 0
+        self.steps = 0
+        self.last_trace: list[dict[str, Any]] = []
+        self.executor.refresh_rest()
+
+    # -- host side: gradients land, become final, get reduced; updates run -----------------------------
+
+    def _wait_update(self, unit: Unit) -> None:
+        pending = self.updates.pop(id(unit), None)
+        if pending is not None:
+            pending.result()
+
+    def flush(self) -> None:
+        """Every pending update done and on the device (before evaluation, checkpoints, loads)."""
+        for unit in self.store.units:
+            self._wait_update(unit)
+
+    def _land(self, unit: Unit, grads: list[torch.Tensor], final: bool) -> None:
+        with self.executor.tracer.span("optimizer", f"accumulate {unit.name}", unit.index):
+            unit.accumulate(grads)
+        if final and self.swarm is not None:
+            with self.executor.tracer.span("reduce", f"all-reduce {unit.name}", unit.index):
+                self.swarm.reduce_async(unit)
+        elif final:
+            self.optimizer.gradient_final(unit)
+
+    def _on_grad(self, unit: Unit, grads: list[torch.Tensor], final: bool) -> None:
+        """A unit's gradients exist on the device: send them to the host store."""
+        if not self.staging:  # the device is the host: nothing to copy
+            if self.grad_dtype != torch.float32:
+                grads = [g.to(self.grad_dtype) for g in grads]
+            self.landed.append(self.worker.submit(lambda: self._land(unit, grads, final)))
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.grad_dtype)  # one transfer per block
+        k = self.staging_next
+        self.staging_next ^= 1
+        if self.staging_busy[k] is not None:
+            self.staging_busy[k].result()  # the host has not yet consumed this staging buffer
+        stage = self.staging[k][: flat.numel()]
+        stream = self.executor.grad_stream
+        stream.wait_stream(self.executor.compute_stream)
+        with torch.cuda.stream(stream), self.executor.tracer.span("d2h", f"grads {unit.name}", unit.index, stream):
+            stage.copy_(flat, non_blocking=True)
+        flat.record_stream(stream)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+
+        def land() -> None:
+            copied.synchronize()
+            self._land(unit, unit.layout.views(stage), final)
+
+        self.staging_busy[k] = self.worker.submit(land)
+        self.landed.append(self.staging_busy[k])
+
+    def _finish_gradients(self) -> None:
+        for f in self.landed:
+            f.result()
+        self.landed = []
+        if self.swarm is not None:
+
+            def reduce() -> None:
+                for unit in self.swarm.finish():
+                    self.optimizer.gradient_final(unit)
+
+            self.worker.submit(reduce).result()
+
+    # -- the engine interface --------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[Any], lr: float) -> StepResult:
+        self.executor.slots.invalidate()  # the last update changed every block
+        self.executor.refresh_rest()
+        self.optimizer.start_step()
+        self.executor.tracer.begin_step(self.steps, self.executor.compute_stream)
+        loss, tokens = self.executor.forward_backward(micro_batches, self._on_grad)
+        self._finish_gradients()
+        loss_value = loss.item()
+        if self.swarm is not None:
+            summed = self.swarm.sum_scalars(torch.tensor([loss_value, float(tokens)]))
+            loss_value, tokens = float(summed[0]) / self.swarm.world, int(summed[1])
+        total, clip = self.optimizer.clip_factor()
+        norm_value = total.item()
+        self.steps += 1
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.discard()
+            self.last_trace = self.executor.tracer.end_step()
+            return StepResult(loss_value, norm_value, True, tokens)
+        for unit in self.store.units:  # rest first, then blocks in the order the next forward needs them
+            self.updates[id(unit)] = self.worker.submit(lambda u=unit: self._timed_update(u, lr, clip))
+        if not self.overlap:
+            self.flush()
+        self.last_trace = self.executor.tracer.end_step()
+        return StepResult(loss_value, norm_value, False, tokens)
+
+    def _timed_update(self, unit: Unit, lr: float, clip: torch.Tensor) -> None:
+        with self.executor.tracer.span("optimizer", f"update {unit.name}", unit.index):
+            self.optimizer.update(unit, lr, clip)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Any) -> float:
+        self.flush()
+        self.executor.slots.invalidate()
+        self.executor.refresh_rest()
+        self.adapter.model.eval()
+        try:
+            return self.executor.forward_loss(batch).item()
+        finally:
+            self.adapter.model.train()
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        self.flush()
+        return self.store.state_dict()
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], load_optimizer: bool = True) -> None:
+        self.flush()
+        self.store.load_state_dict(state, load_optimizer)
+        self.executor.slots.invalidate()
+        self.executor.refresh_rest()
+
+    def stats(self) -> dict[str, Any]:
+        """Device-side accounting: block buffers held, copies made, bytes."""
+        slots = self.executor.slots
+        out = {"device_block_buffers": slots.max_slots, "block_loads": slots.loads,
+               "device_buffer_bytes": slots.nbytes, "host_store_bytes": self.store.nbytes}  # fmt: skip
+        if self.device.type == "cuda":
+            out["device_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def close(self) -> None:
+        self.flush()
+        self.worker.close()

@@ -1,0 +1,417 @@
+"""The executor: runs a stack of identical blocks one block at a time through at most two device buffers.
+
+    host store (fp32 master, Adam m/v, grads)           device
+    block 0 ... block L-1  --H2D (copy stream)-->  slot A | slot B   (two block buffers, double buffering)
+                           <--D2H (grad stream)--  flat grads of the block just differentiated
+
+Forward streams blocks 0..L-1 (block i+1 is copied while block i computes) and keeps only block inputs;
+backward streams L-1..0 again, recomputes each block's internals, sends its gradients to the host as soon
+as they exist, and moves on. The model never knows: it is driven through the StreamableModel protocol.
+
+Schedules (both produce the same gradients): batch-major visits 0..L-1, L-1..0 for every micro-batch;
+layer-major visits each layer once per pass and runs every micro-batch through it, so weights cross the
+link twice per step instead of twice per micro-batch, at the cost of keeping every micro-batch's block
+inputs at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import types
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from streaming.backends.base import StreamableModel
+from streaming.store import HostStore, Layout, Unit
+
+MAX_SLOTS = 2  # device block buffers, whatever the depth: the point of weight streaming
+
+
+class Tracer:
+    """Per-lane timings of a step (compute, h2d, d2h, optimizer, reduce) as trace events.
+
+    CUDA lanes are timed with CUDA events on their stream (resolved at the end of the step); host lanes with
+    perf_counter. Both are relative to the step start, so the timeline lines up to within launch latency."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.cuda, self.enabled = device.type == "cuda", enabled
+        self.events: list[dict[str, Any]] = []
+        self._pending: list[tuple] = []
+        self.step, self.t0 = 0, time.perf_counter()
+
+    def begin_step(self, step: int, stream: Any = None) -> None:
+        self.step, self.events, self._pending = step, [], []
+        self.t0 = time.perf_counter()
+        if self.enabled and self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record(stream)
+
+    @contextlib.contextmanager
+    def span(self, lane: str, name: str, block: int | None = None, stream: Any = None) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if self.cuda and stream is not None:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
+            yield
+            end.record(stream)
+            self._pending.append((lane, name, block, begin, end))
+            return
+        t = time.perf_counter()
+        yield
+        self.events.append(self._event(lane, name, block, t - self.t0, time.perf_counter() - t))
+
+    def _event(self, lane: str, name: str, block: int | None, start: float, dur: float) -> dict[str, Any]:
+        return {"lane": lane, "name": name, "start_s": start, "dur_s": dur, "block": block, "step": self.step}
+
+    def end_step(self) -> list[dict[str, Any]]:
+        for lane, name, block, begin, end in self._pending:
+            end.synchronize()
+            start = self.start.elapsed_time(begin) / 1e3
+            self.events.append(self._event(lane, name, block, start, begin.elapsed_time(end) / 1e3))
+        self._pending = []
+        self.events.sort(key=lambda e: e["start_s"])
+        return self.events
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _measure(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def overlap_report(events: list[dict[str, Any]], step_s: float | None = None) -> dict[str, float]:
+    """How well copies hide behind compute in one step's trace: the fraction of the step with a copy lane
+    busy while compute runs, and the time exposed at the step boundary (before the first and after the
+    last compute of the step)."""
+
+    def lane(*names: str) -> list[tuple[float, float]]:
+        return _union([(e["start_s"], e["start_s"] + e["dur_s"]) for e in events if e["lane"] in names])
+
+    compute, copies = lane("compute"), lane("h2d", "d2h")
+    end = step_s or max((e["start_s"] + e["dur_s"] for e in events), default=0.0)
+    both = _measure(_union([(max(a, c), min(b, d)) for a, b in compute for c, d in copies if min(b, d) > max(a, c)]))
+    exposed = (compute[0][0] + max(0.0, end - compute[-1][1])) if compute else end
+    return {
+        "step_s": end, "compute_s": _measure(compute), "copy_s": _measure(copies),
+        "copy_overlap_frac": both / end if end else 0.0, "exposed_boundary_s": exposed,
+    }  # fmt: skip
+
+
+def _clone_module(template: nn.Module) -> nn.Module:
+    """A deep copy of a block that shares what cannot be copied (e.g. an ops namespace held as a module)."""
+    memo: dict[int, Any] = {}
+    for m in template.modules():
+        for value in vars(m).values():
+            if isinstance(value, types.ModuleType):
+                memo[id(value)] = value
+    return copy.deepcopy(template, memo)
+
+
+class DeviceSlots:
+    """The device's block buffers: copies of the block module whose parameters are views of one flat tensor,
+    so a block arrives in one copy. Never more than MAX_SLOTS of them, whatever the depth."""
+
+    def __init__(self, template: nn.Module, layout: Layout, device: torch.device, dtype: torch.dtype,
+                 prefetch: int, copy_stream: Any, compute_stream: Any) -> None:  # fmt: skip
+        self.device, self.prefetch = device, prefetch
+        self.copy_stream, self.compute_stream = copy_stream, compute_stream
+        self.modules: list[nn.Module] = []
+        self.flats: list[torch.Tensor] = []
+        for _ in range(MAX_SLOTS):
+            module = _clone_module(template).to(device)  # buffers (e.g. rotary tables) keep their dtype
+            flat = torch.zeros(layout.numel, dtype=dtype, device=device)
+            for p, view in zip(module.parameters(), layout.views(flat), strict=True):
+                p.data = view
+            self.modules.append(module)
+            self.flats.append(flat)
+        self.holds: list[int | None] = [None] * MAX_SLOTS  # which block each slot holds
+        self.ready: list[Any] = [None] * MAX_SLOTS  # CUDA event: the copy into the slot is done
+        self.free: list[Any] = [None] * MAX_SLOTS  # CUDA event: the last compute reading the slot is done
+        self.current = 1  # the slot computed on last; the other one is loaded next
+        self.loads = 0  # block copies made (H2D traffic in blocks)
+        self.max_slots = len(self.modules)
+        self.cuda = device.type == "cuda"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.flats)
+
+    def invalidate(self) -> None:
+        """The store changed (an update, a checkpoint load): every slot must be loaded again."""
+        self.holds = [None] * MAX_SLOTS
+
+    def _load(self, slot: int, unit: Unit, tracer: Tracer, serial: bool) -> None:
+        if not self.cuda:
+            with tracer.span("h2d", f"load {unit.index}", unit.index):
+                self.flats[slot].copy_(unit.stream_source())
+        else:
+            stream = self.copy_stream
+            if serial:  # prefetch 0: the copy starts only after everything queued so far has computed
+                stream.wait_stream(self.compute_stream)
+            elif self.free[slot] is not None:
+                stream.wait_event(self.free[slot])
+            with torch.cuda.stream(stream), tracer.span("h2d", f"load {unit.index}", unit.index, stream):
+                self.flats[slot].copy_(unit.stream_source(), non_blocking=True)
+            self.ready[slot] = torch.cuda.Event()
+            self.ready[slot].record(stream)
+        self.holds[slot] = unit.index
+        self.loads += 1
+
+    def acquire(self, unit: Unit, upcoming: Unit | None, tracer: Tracer, before_load: Callable[[Unit], None]) -> int:
+        """The slot holding `unit`'s weights, ready for compute on the compute stream. With prefetch, also
+        start copying `upcoming` into the other slot. `before_load(u)` waits until u's update is done."""
+        if unit.index in self.holds:
+            slot = self.holds.index(unit.index)
+        else:
+            slot = 1 - self.current
+            before_load(unit)
+            self._load(slot, unit, tracer, serial=True)
+        if self.cuda and self.ready[slot] is not None:
+            self.compute_stream.wait_event(self.ready[slot])
+        self.current = slot
+        if self.prefetch and upcoming is not None and upcoming.index not in self.holds:
+            before_load(upcoming)
+            self._load(1 - slot, upcoming, tracer, serial=False)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Everything reading the slot has been queued; a later copy into it must wait for that work."""
+        if self.cuda:
+            self.free[slot] = torch.cuda.Event()
+            self.free[slot].record(self.compute_stream)
+
+
+class Executor:
+    """Streams blocks through DeviceSlots for forward, backward and evaluation; returns gradients to the
+    store (via `on_grad`) as soon as each block's exist. Pure schedule: the engine owns the optimizer."""
+
+    def __init__(
+        self,
+        adapter: StreamableModel,
+        store: HostStore,
+        device: torch.device,
+        *,
+        schedule: str = "batch_major",
+        prefetch: int = 1,
+        compute_dtype: torch.dtype = torch.float32,
+        grad_dtype: torch.dtype = torch.float32,
+        autocast_dtype: torch.dtype | None = None,
+        trace: bool = False,
+    ) -> None:
+        if schedule not in ("batch_major", "layer_major"):
+            raise ValueError(f"schedule={schedule!r}: use batch_major or layer_major")
+        self.adapter, self.store, self.device, self.schedule = adapter, store, device, schedule
+        self.grad_dtype, self.autocast_dtype = grad_dtype, autocast_dtype
+        cuda = device.type == "cuda"
+        self.compute_stream = torch.cuda.current_stream(device) if cuda else None
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.grad_stream = torch.cuda.Stream(device) if cuda else None
+        self.slots = DeviceSlots(adapter.blocks[0], store.block_layout, device, compute_dtype, prefetch,
+                                 self.copy_stream, self.compute_stream)  # fmt: skip
+        # The non-block parameters (embedding, final norm) stay on the device; refreshed after each update.
+        self.rest_flat = torch.zeros(store.rest.layout.numel, dtype=torch.float32, device=device)
+        self.rest_params = [p for _, p in self._rest_named()]
+        for p, view in zip(self.rest_params, store.rest.layout.views(self.rest_flat), strict=True):
+            p.data = view
+        self.tracer = Tracer(device, trace)
+        self.before_load: Callable[[Unit], None] = lambda unit: None
+
+    def _rest_named(self) -> list[tuple[str, nn.Parameter]]:
+        named = dict(self.adapter.model.named_parameters())
+        return [(s.full_name, named[s.full_name]) for s in self.store.rest.layout.slots]
+
+    def refresh_rest(self) -> None:
+        self.before_load(self.store.rest)
+        with torch.no_grad(), self.tracer.span("h2d", "load rest", None, self.compute_stream):
+            self.rest_flat.copy_(self.store.rest.master, non_blocking=True)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _visit(self, order: list[int], k: int) -> tuple[Unit, Unit | None]:
+        blocks = self.store.blocks
+        return blocks[order[k]], (blocks[order[k + 1]] if k + 1 < len(order) else None)
+
+    def _acquire(self, unit: Unit, upcoming: Unit | None) -> tuple[int, nn.Module]:
+        slot = self.slots.acquire(unit, upcoming, self.tracer, self.before_load)
+        return slot, self.slots.modules[slot]
+
+    # -- forward only (evaluation) ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward_loss(self, batch: Any) -> torch.Tensor:
+        mb = self.adapter.to_device(batch, self.device)
+        args = self.adapter.block_args(mb)
+        order = list(range(len(self.store.blocks)))
+        with self._autocast():
+            h = self.adapter.embed(mb)
+            for k in range(len(order)):
+                slot, block = self._acquire(*self._visit(order, k))
+                h = block(h, *args)
+                self.slots.release(slot)
+            return self.adapter.head_loss(h, mb)
+
+    # -- one step's forward + backward over the micro-batches -------------------------------------
+
+    def forward_backward(self, micro_batches: list[Any], on_grad: Callable[[Unit, torch.Tensor, bool], None]
+                         ) -> tuple[torch.Tensor, int]:  # fmt: skip
+        """Mean loss (device scalar) and tokens. `on_grad(unit, grads, final)` receives each unit's
+        per-parameter gradients of one micro-batch (batch-major) or of the whole step (layer-major), on the
+        device; `final` says no more gradient for that unit comes this step."""
+        n = len(micro_batches)
+        mbs = [self.adapter.to_device(mb, self.device) for mb in micro_batches]
+        tokens = sum(self.adapter.num_tokens(mb) for mb in mbs)
+        if self.schedule == "batch_major":
+            total = torch.zeros((), device=self.device)
+            for i, mb in enumerate(mbs):
+                total += self._batch_major(mb, n, on_grad, last=i == n - 1)
+            return total / n, tokens
+        return self._layer_major(mbs, on_grad), tokens
+
+    def _blocks_forward(
+        self, h: torch.Tensor, args: tuple, order: list[int], inputs: list[torch.Tensor]
+    ) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            for k in range(len(order)):
+                slot, block = self._acquire(*self._visit(order, k))
+                inputs.append(h)
+                with self.tracer.span("compute", f"fwd {order[k]}", order[k], self.compute_stream):
+                    h = block(h, *args)
+                self.slots.release(slot)
+        return h
+
+    def _block_backward(self, block: nn.Module, x: torch.Tensor, args: tuple, grad_out: torch.Tensor, index: int
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """Recompute one block from its saved input and differentiate it: (grad of input, param grads)."""
+        x = x.detach().requires_grad_(True)
+        params = list(block.parameters())
+        with self.tracer.span("compute", f"bwd {index}", index, self.compute_stream):
+            with torch.enable_grad(), self._autocast():
+                y = block(x, *args)
+            grads = torch.autograd.grad(y, [x, *params], grad_out)
+        return grads[0], list(grads[1:])
+
+    def _head(self, h: torch.Tensor, mb: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """Loss of the last block's output, its gradient and the head's gradients for the rest params."""
+        h = h.detach().requires_grad_(True)
+        with self.tracer.span("compute", "head", None, self.compute_stream):
+            with torch.enable_grad(), self._autocast():
+                loss = self.adapter.head_loss(h, mb)
+            grads = torch.autograd.grad(loss / n, [h, *self.rest_params], allow_unused=True)
+        return loss.detach().float(), grads[0], list(grads[1:])
+
+    def _embed_backward(self, embedded: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor | None]:
+        with self.tracer.span("compute", "embed bwd", None, self.compute_stream):
+            return list(torch.autograd.grad(embedded, self.rest_params, grad, allow_unused=True))
+
+    def _rest_grad(self, head: list[torch.Tensor | None], embed: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        # A tied embedding gets a gradient from the head and one from the lookup; autograd would sum the two
+        # in its input buffer before touching .grad, and so do we (the order of a two-term sum is exact).
+        parts = []
+        for p, a, b in zip(self.rest_params, head, embed, strict=True):
+            g = a + b if a is not None and b is not None else a if a is not None else b
+            parts.append(g if g is not None else torch.zeros_like(p))
+        return parts
+
+    def _batch_major(self, mb: Any, n: int, on_grad: Callable, last: bool) -> torch.Tensor:
+        args = self.adapter.block_args(mb)
+        depth = len(self.store.blocks)
+        forward, backward = list(range(depth)), list(reversed(range(depth)))
+        with torch.enable_grad(), self._autocast():
+            embedded = self.adapter.embed(mb)  # (B, S, C), the graph back to the embedding is kept
+        inputs: list[torch.Tensor] = []
+        h = self._blocks_forward(embedded.detach(), args, forward, inputs)
+        loss, grad, head_grads = self._head(h, mb, n)
+        for k in range(depth):
+            i = backward[k]
+            slot, block = self._acquire(*self._visit(backward, k))
+            grad, param_grads = self._block_backward(block, inputs[i], args, grad, i)
+            self.slots.release(slot)
+            inputs[i] = None  # type: ignore[call-overload]  # free the activation as soon as it is used
+            on_grad(self.store.blocks[i], param_grads, last)
+        on_grad(self.store.rest, self._rest_grad(head_grads, self._embed_backward(embedded, grad)), last)
+        return loss
+
+    def _layer_major(self, mbs: list[Any], on_grad: Callable) -> torch.Tensor:
+        n, depth = len(mbs), len(self.store.blocks)
+        args = [self.adapter.block_args(mb) for mb in mbs]
+        with torch.enable_grad(), self._autocast():
+            embedded = [self.adapter.embed(mb) for mb in mbs]
+        inputs: list[list[torch.Tensor]] = [[] for _ in range(depth)]  # [layer][micro-batch] (B, S, C)
+        hs = [e.detach() for e in embedded]
+        with torch.no_grad():
+            for i in range(depth):
+                slot, block = self._acquire(*self._visit(list(range(depth)), i))
+                for j in range(n):
+                    inputs[i].append(hs[j])
+                    with self.tracer.span("compute", f"fwd {i}", i, self.compute_stream), self._autocast():
+                        hs[j] = block(hs[j], *args[j])
+                self.slots.release(slot)
+        total = torch.zeros((), device=self.device)
+        grads, head_grads = [], []
+        for j in range(n):
+            loss, g, head = self._head(hs[j], mbs[j], n)
+            total += loss
+            grads.append(g)
+            head_grads.append(head)  # kept per micro-batch: summed with its own embedding gradient, as autograd does
+        backward = list(reversed(range(depth)))
+        for k in range(depth):
+            i = backward[k]
+            slot, block = self._acquire(*self._visit(backward, k))
+            acc = None
+            for j in range(n):
+                grads[j], param_grads = self._block_backward(block, inputs[i][j], args[j], grads[j], i)
+                if acc is None:
+                    acc = param_grads
+                else:
+                    torch._foreach_add_(acc, param_grads)  # the per-layer sum stays on the device
+            self.slots.release(slot)
+            inputs[i] = []
+            on_grad(self.store.blocks[i], acc, True)  # one gradient transfer per layer per step
+        rest_acc = None
+        for j in range(n):
+            rest = self._rest_grad(head_grads[j], self._embed_backward(embedded[j], grads[j]))
+            if rest_acc is None:
+                rest_acc = rest
+            else:
+                torch._foreach_add_(rest_acc, rest)
+        on_grad(self.store.rest, rest_acc, True)
+        return total / n
+
+
+class HostWorker:
+    """Runs host-side work (gradient accumulation, norms, updates, reductions) in order on one thread when
+    the device is a GPU, so it overlaps the device; inline on CPU, where the device *is* the host's cores."""
+
+    def __init__(self, threaded: bool) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-store") if threaded else None
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn)
+        done: Future = Future()
+        done.set_result(fn())
+        return done
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None

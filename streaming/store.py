@@ -1,0 +1,237 @@
+"""The host store (the MemoryX role): fp32 master weights, AdamW moments and gradient accumulators of every
+block, plus the non-block parameters (embeddings, final norm), in host memory.
+
+Each unit (block i, or "rest" for everything outside the blocks) keeps its tensors as one flat buffer so a
+block crosses the link in one copy; parameters are views into it. The model's own host parameters become
+views of the master buffers, so the module, the store and a checkpoint always agree.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+GIB = 1 << 30
+
+
+class HostMemoryError(ValueError):
+    """The host cannot hold the store (a ValueError, so the trainer reports it as one line)."""
+
+
+def host_memory_available() -> int:
+    """Bytes the kernel says can still be allocated without swapping (MemAvailable), or free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def store_bytes(num_params: int, stream_dtype: torch.dtype = torch.float32) -> int:
+    """fp32 master + Adam m + Adam v + fp32 grad accumulator, plus a half-precision shadow when streaming
+    bf16 (so the link carries 2 bytes per weight and the cast is done once per update, on the host)."""
+    shadow = 2 if stream_dtype != torch.float32 else 0
+    return num_params * (4 * 4 + shadow)
+
+
+def check_host_memory(num_params: int, stream_dtype: torch.dtype = torch.float32, already_held: int = 0) -> int:
+    """Refuse, before allocating, a store the host cannot hold. `already_held`: bytes of the model that
+    the store will reuse (its fp32 weights). Returns the bytes needed."""
+    needed = store_bytes(num_params, stream_dtype)
+    available = host_memory_available() + already_held
+    if needed > available:
+        raise HostMemoryError(
+            f"backend=streaming needs {needed / GIB:.1f} GiB of host memory for {num_params / 1e9:.2f}B parameters "
+            f"(fp32 master + Adam m, v + gradients) but {available / GIB:.1f} GiB is available; "
+            "use a smaller model or a host with more RAM"
+        )
+    return needed
+
+
+@dataclass
+class Slot:
+    """Where one parameter lives in its unit's flat buffers."""
+
+    name: str  # relative to the unit (e.g. "attn.c_attn.weight")
+    full_name: str  # in the whole model (e.g. "blocks.3.attn.c_attn.weight")
+    offset: int
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class Layout:
+    """The order and offsets of a module's parameters in a flat buffer (identical for identical blocks)."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], prefix: str = "") -> None:
+        self.slots: list[Slot] = []
+        offset = 0
+        for name, p in named:
+            self.slots.append(Slot(name, prefix + name, offset, p.shape))
+            offset += p.numel()
+        self.numel = offset
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
+
+
+def _alloc(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    t = torch.zeros(numel, dtype=dtype)
+    return t.pin_memory() if pin else t
+
+
+class Unit:
+    """One block (or the rest of the model) in the store: master, moments, grad accumulator, Adam steps."""
+
+    def __init__(self, index: int | None, layout: Layout, pin: bool, shadow_dtype: torch.dtype | None) -> None:
+        self.index, self.layout = index, layout
+        n = layout.numel
+        self.master = _alloc(n, torch.float32, pin)
+        self.exp_avg = _alloc(n, torch.float32, False)
+        self.exp_avg_sq = _alloc(n, torch.float32, False)
+        self.grad = _alloc(n, torch.float32, pin)
+        self.grad_ready = False  # False: the next gradient overwrites the accumulator instead of adding
+        # One step counter per parameter, as torch's AdamW keeps them (so checkpoints interchange).
+        self.steps = [torch.zeros((), dtype=torch.float32) for _ in layout.slots]
+        self.shadow = _alloc(n, shadow_dtype, pin) if shadow_dtype is not None else None
+        self.params, self.grads = layout.views(self.master), layout.views(self.grad)
+        self.exp_avgs, self.exp_avg_sqs = layout.views(self.exp_avg), layout.views(self.exp_avg_sq)
+
+    @property
+    def name(self) -> str:
+        return "rest" if self.index is None else f"block {self.index}"
+
+    def stream_source(self) -> torch.Tensor:
+        """The flat tensor the device copies from: the half-precision shadow when there is one."""
+        return self.master if self.shadow is None else self.shadow
+
+    def refresh_shadow(self) -> None:
+        if self.shadow is not None:
+            self.shadow.copy_(self.master)
+
+    @torch.no_grad()
+    def accumulate(self, grads: list[torch.Tensor]) -> None:
+        """Add one micro-batch's per-parameter gradients (on the host). The first is copied, later ones added,
+        which is exactly what autograd does to .grad, so the sums match a resident run bit for bit."""
+        if grads[0].dtype != torch.float32:  # bf16 on the link: widened as it lands
+            grads = [g.float() for g in grads]
+        if self.grad_ready:
+            torch._foreach_add_(self.grads, grads)
+        else:
+            torch._foreach_copy_(self.grads, grads)
+            self.grad_ready = True
+
+    def zero_grad(self) -> None:
+        self.grad_ready = False
+
+
+class HostStore:
+    """Every unit of the model: blocks 0..L-1 and "rest". Takes over the model's host parameters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        pin: bool = False,
+        stream_dtype: torch.dtype = torch.float32,
+        check_memory: bool = True,
+    ) -> None:
+        block_ids = {id(p) for p in blocks.parameters()}
+        prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
+        named = dict(model.named_parameters())
+        if any(p.device.type != "cpu" for p in named.values()):
+            raise ValueError("the streaming store takes a model built on the host (cpu); build it with device='cpu'")
+        if check_memory:
+            already = sum(p.numel() * p.element_size() for p in named.values())
+            check_host_memory(sum(p.numel() for p in named.values()), stream_dtype, already)
+        if pin and not _can_pin():
+            warnings.warn("pinned host memory is not available here; the store uses pageable memory", stacklevel=2)
+            pin = False
+        self.pinned = pin
+        shadow = stream_dtype if stream_dtype != torch.float32 else None
+        self.block_layout = Layout(list(blocks[0].named_parameters()))
+        self.blocks: list[Unit] = []
+        for i, block in enumerate(blocks):
+            layout = Layout(list(block.named_parameters()), prefix=f"{prefix}{i}.")
+            if [s.shape for s in layout.slots] != [s.shape for s in self.block_layout.slots]:
+                raise ValueError(f"block {i} differs from block 0: the executor streams a stack of identical blocks")
+            self.blocks.append(self._adopt(Unit(i, layout, pin, shadow), block))
+        rest = [(n, p) for n, p in named.items() if id(p) not in block_ids]
+        self.rest = Unit(None, Layout(rest), pin, None)  # the rest stays on the device: no shadow needed
+        for view, (_, p) in zip(self.rest.params, rest, strict=True):
+            view.copy_(p.detach())
+            p.data = view
+        self.units = [self.rest, *self.blocks]
+        self.by_name = {s.full_name: (u, k) for u in self.units for k, s in enumerate(u.layout.slots)}
+
+    @staticmethod
+    def _adopt(unit: Unit, module: nn.Module) -> Unit:
+        with torch.no_grad():
+            for view, (_, p) in zip(unit.params, module.named_parameters(), strict=True):
+                view.copy_(p.detach())
+                p.data = view  # the model's host parameters now are the master weights
+        unit.refresh_shadow()
+        return unit
+
+    @property
+    def num_params(self) -> int:
+        return sum(u.layout.numel for u in self.units)
+
+    @property
+    def nbytes(self) -> int:
+        per_unit = (u.master.nbytes * 4 + (u.shadow.nbytes if u.shadow is not None else 0) for u in self.units)
+        return sum(per_unit)
+
+    # -- checkpoints: the same flat {name: tensor} dicts as the resident engine ---------------------
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        model, optim = {}, {}
+        for u in self.units:
+            for k, s in enumerate(u.layout.slots):
+                model[s.full_name] = u.params[k].clone()
+                if float(u.steps[k]) > 0:  # torch's AdamW has no state for a parameter never updated
+                    optim[f"{s.full_name}.exp_avg"] = u.exp_avgs[k].clone()
+                    optim[f"{s.full_name}.exp_avg_sq"] = u.exp_avg_sqs[k].clone()
+                    optim[f"{s.full_name}.step"] = u.steps[k].clone()
+        return {"model": model, "optimizer": optim}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], load_optimizer: bool = True) -> None:
+        weights = state["model"]
+        missing, unexpected = sorted(set(self.by_name) - set(weights)), sorted(set(weights) - set(self.by_name))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        for name, (u, k) in self.by_name.items():
+            u.params[k].copy_(weights[name])
+        optim = state.get("optimizer", {}) if load_optimizer else {}
+        expected = {f"{n}.{key}" for n in self.by_name for key in ("exp_avg", "exp_avg_sq", "step")}
+        if optim and set(optim) != expected:
+            missing, extra = sorted(expected - set(optim)), sorted(set(optim) - expected)
+            raise ValueError(f"optimizer state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, (u, k) in self.by_name.items():  # no optimizer state: a fresh AdamW (e.g. a new stage)
+            for key, t in (("exp_avg", u.exp_avgs[k]), ("exp_avg_sq", u.exp_avg_sqs[k]), ("step", u.steps[k])):
+                t.copy_(optim[f"{name}.{key}"]) if optim else t.zero_()  # noqa: B018
+        for u in self.units:
+            u.refresh_shadow()
+            u.zero_grad()
+
+
+def _can_pin() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.empty(1).pin_memory()
+        return True
+    except RuntimeError:
+        return False

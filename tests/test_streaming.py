@@ -1,0 +1,214 @@
+"""Weight streaming on CPU: bitwise parity with the resident engine, two device buffers at any depth,
+checkpoint interchange, the host-memory check, SwarmX over gloo, and the executor's own trace."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from crystal.checkpoint import find_latest, load_checkpoint
+from crystal.config import ModelConfig, StreamingConfig
+from crystal.data.loader import Batch
+from crystal.model import build_model
+from crystal.trainer import CrystalAdapter, Trainer, param_group_specs
+from streaming.backends.base import AdamWSettings
+from streaming.backends.resident import ResidentEngine
+from streaming.backends.streaming import StreamingEngine
+from streaming.executor import MAX_SLOTS, overlap_report
+from streaming.store import HostMemoryError, check_host_memory
+from tests.test_train import SMALL, run_trainer, train_losses
+
+VOCAB, SEQ = 256, 24
+CPU = torch.device("cpu")
+
+
+def batches(seed: int, count: int, rows: int = 2) -> list[Batch]:
+    """Random micro-batches with two documents per row (document masking and position restarts on)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (rows, SEQ + 1), generator=g)
+        pos = torch.arange(SEQ).repeat(rows, 1)
+        pos[:, SEQ // 2 :] -= SEQ // 2
+        doc = torch.zeros(rows, SEQ, dtype=torch.int32)
+        doc[:, SEQ // 2 :] = 1
+        idx = np.arange(rows)
+        out.append(Batch(ids[:, :-1], ids[:, 1:].clone(), pos, doc, idx, idx * 0, idx))
+    return out
+
+
+def make_engine(kind: str, layers: int, clip: float = 0.05, **options):
+    """Tiny CrystalCoder on CPU in fp32; clip 0.05 keeps clipping active in every step."""
+    model = build_model(ModelConfig.from_name("tiny", n_layer=layers, vocab_size=VOCAB), device="cpu", seed=0)
+    adapter = CrystalAdapter(model, doc_masking=True)
+    groups, settings = param_group_specs(model, 0.1), AdamWSettings((0.9, 0.95), 1e-9, clip)
+    if kind == "resident":
+        return ResidentEngine(adapter, groups, settings, CPU)
+    return StreamingEngine(adapter, groups, settings, CPU, **options)
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    for group in ("model", "optimizer"):
+        assert a[group].keys() == b[group].keys(), group
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), k
+
+
+@pytest.mark.parametrize(
+    "layers,schedule,prefetch", [(2, "batch_major", 1), (4, "layer_major", 1), (8, "batch_major", 0)]
+)
+def test_streamed_steps_equal_resident_steps_bit_for_bit(layers, schedule, prefetch):
+    resident = make_engine("resident", layers)
+    streamed = make_engine("streaming", layers, schedule=schedule, prefetch=prefetch)
+    for step in range(3):
+        mbs = batches(step, 3)  # gradient accumulation over 3 micro-batches
+        a, b = resident.train_step(mbs, 1e-3), streamed.train_step(mbs, 1e-3)
+        assert (a.loss, a.grad_norm, a.skipped) == (b.loss, b.grad_norm, b.skipped)
+        assert a.grad_norm > 0.05  # clipping was active
+    assert_states_equal(resident.state_dict(), streamed.state_dict())
+    held_out = batches(99, 1)[0]
+    assert resident.eval_loss(held_out) == streamed.eval_loss(held_out)
+    # the executor's own accounting: two block buffers on the device, whatever the depth
+    stats = streamed.stats()
+    assert stats["device_block_buffers"] == MAX_SLOTS == 2
+    assert len(streamed.executor.slots.modules) == 2
+    assert stats["device_buffer_bytes"] == 2 * streamed.store.blocks[0].master.nbytes
+
+
+def test_layer_major_moves_fewer_blocks_than_batch_major():
+    loads = {}
+    for schedule in ("batch_major", "layer_major"):
+        engine = make_engine("streaming", 4, schedule=schedule)
+        engine.train_step(batches(0, 3), 1e-3)
+        loads[schedule] = engine.stats()["block_loads"]
+    # layer-major: each layer loaded once per pass; batch-major: once per pass per micro-batch
+    assert loads["layer_major"] < loads["batch_major"]
+
+
+def test_bf16_gradients_on_the_link_stay_close():
+    resident, streamed = make_engine("resident", 2), make_engine("streaming", 2, grad_dtype="bf16")
+    mbs = batches(0, 2)
+    a, b = resident.train_step(mbs, 1e-3), streamed.train_step(mbs, 1e-3)
+    assert a.loss == b.loss  # the forward is untouched
+    assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-2)
+
+
+def test_non_finite_step_is_skipped_and_leaves_the_store_untouched():
+    engine = make_engine("streaming", 2)
+    before = engine.state_dict()
+    bad = batches(0, 1)
+    engine.adapter.poison = {int(i): float("nan") for i in bad[0].sample_index}
+    result = engine.train_step(bad, 1e-3)
+    assert result.skipped
+    after = engine.state_dict()
+    for k in before["model"]:
+        assert torch.equal(before["model"][k], after["model"][k]), k
+    engine.adapter.poison = {}
+    assert engine.train_step(batches(1, 1), 1e-3).skipped is False  # the next clean step goes on
+
+
+def test_store_state_loads_into_a_resident_engine_and_back():
+    streamed = make_engine("streaming", 2)
+    streamed.train_step(batches(0, 2), 1e-3)
+    resident = make_engine("resident", 2)
+    resident.load_state_dict(streamed.state_dict())
+    a, b = resident.train_step(batches(1, 2), 1e-3), streamed.train_step(batches(1, 2), 1e-3)
+    assert a.loss == b.loss
+    back = make_engine("streaming", 2)
+    back.load_state_dict(resident.state_dict())
+    assert_states_equal(back.state_dict(), resident.state_dict())
+
+
+def test_host_memory_check_refuses_an_impossible_model():
+    with pytest.raises(HostMemoryError, match=r"needs .* GiB of host memory .* GiB is available"):
+        check_host_memory(10**14)
+    assert check_host_memory(1000) == 16_000
+
+
+def test_trainer_refuses_a_model_the_host_cannot_hold_before_building_it(fast_config):
+    cfg = fast_config(*SMALL, "backend=streaming", "model.n_layer=10000000")
+    with pytest.raises(HostMemoryError, match="backend=streaming needs"):
+        Trainer(cfg, log=lambda *_: None)
+
+
+def test_bad_streaming_settings_name_the_key():
+    with pytest.raises(ValueError, match="backend.streaming.schedule='layers'"):
+        StreamingConfig(schedule="layers")
+    with pytest.raises(ValueError, match="backend.streaming.prefetch=3"):
+        StreamingConfig(prefetch=3)
+
+
+def test_checkpoints_interchange_between_backends_through_the_trainer(fast_config):
+    """resident 0..3 -> streaming 3..6 equals resident 0..6 (and the streamed run writes the same checkpoint)."""
+    common = (*SMALL, "train.steps=6", "train.ckpt_every=3")
+    full = run_trainer(fast_config(*common, "train.run_name=full"))
+    run_trainer(fast_config(*common, "train.run_name=mixed", "train.stop_after=3"))
+    mixed = run_trainer(fast_config(*common, "train.run_name=mixed", "train.resume=latest", "backend=streaming",
+                                    "backend.streaming.schedule=layer_major"))  # fmt: skip
+    a, b = train_losses(full.run_dir), train_losses(mixed.run_dir)
+    assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
+    ca, cb = load_checkpoint(find_latest(full.run_dir)), load_checkpoint(find_latest(mixed.run_dir))
+    assert_states_equal(ca.tensors, cb.tensors)
+
+
+def test_trace_from_real_timings(fast_config, tmp_path):
+    engine = make_engine("streaming", 4, trace=True)
+    engine.train_step(batches(0, 2), 1e-3)
+    events = engine.last_trace
+    lanes = {e["lane"] for e in events}
+    assert {"compute", "h2d", "optimizer"} <= lanes
+    assert all(e["dur_s"] >= 0 and e["start_s"] >= 0 for e in events)
+    assert sum(e["name"].startswith("update block") for e in events) == 4
+    report = overlap_report(events)
+    assert 0 <= report["copy_overlap_frac"] <= 1 and report["compute_s"] > 0
+    assert report["copy_overlap_frac"] == 0  # on CPU copies and compute share the cores: no overlap
+    json.dumps(events)  # plain data, ready for a Chrome trace
+
+
+# -- SwarmX: 2 replicas over gloo equal one process with the whole batch --------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replica(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from streaming.swarm import Swarm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        engine = make_engine("streaming", 2, swarm=Swarm())
+        losses = []
+        for step in range(2):
+            whole = batches(step, 1, rows=4)[0]
+            half = slice(2 * rank, 2 * rank + 2)  # this replica's rows of the step
+            mine = Batch(whole.input_ids[half], whole.targets[half], whole.positions[half], whole.doc_ids[half],
+                         whole.sample_index[half], whole.source_index[half], whole.window_index[half])  # fmt: skip
+            losses.append(engine.train_step([mine], 1e-3).loss)
+        torch.save({"losses": losses, "state": engine.state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_replicas_equal_one_process_with_twice_the_batch(tmp_path):
+    mp.spawn(_replica, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = make_engine("streaming", 2)
+    losses = [single.train_step(batches(step, 1, rows=4), 1e-3).loss for step in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["losses"] == pytest.approx(losses, rel=1e-6)
+    ref = single.state_dict()
+    for r in ranks:
+        for k, v in ref["model"].items():
+            # atol: an element whose gradient is ~0 gets an Adam step of arbitrary sign, up to ~lr in size
+            torch.testing.assert_close(r["state"]["model"][k], v, rtol=1e-5, atol=1e-5)
+    assert_states_equal(ranks[0]["state"], ranks[1]["state"])  # replicas never drift apart
