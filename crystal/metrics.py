@@ -107,6 +107,28 @@ class MetricsLogger:
         self.rewind(int(state["cursor"]), step)
 
 
+class NullMetrics:
+    """What a data-parallel replica other than rank 0 logs: nothing (rank 0 writes the run's one record)."""
+
+    def log(self, kind: str, **row: Any) -> None:
+        pass
+
+    def cursor(self) -> int:
+        return 0
+
+    def rewind(self, cursor: int, step: int | None = None) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": 0}
+
+    def load_state_dict(self, state: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+
 def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
     """Rows of a metrics file; a last line cut short by a kill is ignored, any other bad line is an error."""
     rows = []

@@ -29,6 +29,8 @@ def train(dcfg: DictConfig) -> dict:
                             skipped_steps=trainer.skipped_steps, rollbacks=trainer.rollbacks)  # fmt: skip
     finally:
         trainer.close()
+    if not trainer.writer:  # a data-parallel replica: rank 0 writes and reports the run
+        return {"eval": ev, "unigram_entropy": entropy}
     from crystal.errors import CrystalError
     from crystal.release import describe_run
 

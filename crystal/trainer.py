@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from crystal.config import Config, OptimConfig, TrainConfig, config_to_dict
 from crystal.data.loader import Batch, DataLoader
 from crystal.data.prepare import PreparedData, prepare_data
 from crystal.errors import TrainingError
-from crystal.metrics import MetricsLogger
+from crystal.metrics import MetricsLogger, NullMetrics
 from crystal.model import CrystalCoder, build_model, group_settings, param_group_of
 from crystal.utils import (
     autocast_dtype,
@@ -126,7 +127,7 @@ def param_group_specs(model: CrystalCoder, weight_decay: float) -> list[ParamGro
     return [ParamGroupSpec(g, names, **settings[g]) for g, names in members.items()]
 
 
-def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp: torch.dtype | None):
+def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp: torch.dtype | None, swarm=None):
     groups = param_group_specs(adapter.model, cfg.optim.weight_decay)
     settings = AdamWSettings(tuple(cfg.optim.betas), cfg.optim.eps, cfg.optim.grad_clip)
     name = cfg.backend.name
@@ -138,9 +139,8 @@ def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp
         from dataclasses import asdict
 
         from streaming.backends.streaming import StreamingEngine
-        from streaming.swarm import init_from_env
 
-        return StreamingEngine(adapter, groups, settings, device, amp, swarm=init_from_env(),
+        return StreamingEngine(adapter, groups, settings, device, amp, swarm=swarm,
                                **asdict(cfg.backend.streaming))  # fmt: skip
     if name == "cerebras":  # cerebras-pytorch, in its own venv (crystal/cerebras.py)
         from crystal.cerebras import build_cerebras_engine
@@ -261,7 +261,12 @@ class Trainer:
         t = cfg.train
         self.config_yaml = config_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg))
         self.run_dir = Path(t.out_dir) / t.run_name
-        self.device = resolve_device(t.device)
+        self.swarm = self._join_swarm()
+        self.rank, self.world = (self.swarm.rank, self.swarm.world) if self.swarm else (0, 1)
+        self.writer = self.rank == 0  # rank 0 writes the run's files; replicas compute the same steps
+        if not self.writer:
+            self.log = lambda *_, **__: None
+        self.device = resolve_device(t.device) if not self.swarm or t.device != "auto" else self.swarm.device
         self.amp = autocast_dtype(t.precision, self.device)
         self.seq_len = t.seq_len or cfg.model.max_seq_len
         if self.seq_len > cfg.model.max_seq_len:
@@ -270,21 +275,29 @@ class Trainer:
             from streaming.store import check_host_memory
 
             check_host_memory(cfg.model.num_params())
-        self._check_run_dir()
+        if self.writer:
+            self._check_run_dir()
         # The CPU peak probe draws random matrices: done before seeding so it never shifts the RNG streams.
         self.peak_flops = (
             (t.peak_tflops * 1e12) if t.peak_tflops else device_peak_flops(self.device.type, device_name(self.device))
         )
         set_determinism(t.seed)
 
-        self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=log)
+        if self.swarm and not self.writer:  # rank 0 prepares the data cache, the replicas then read it
+            self.swarm.barrier()
+        self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=self.log)
+        if self.swarm and self.writer:
+            self.swarm.barrier()
         self.loader = DataLoader(
             self.data, self.seq_len, t.global_batch, t.micro_batch, t.seed, mixture=cfg.data.source_mixture()
         )
         model = build_model(cfg.model, device="cpu", seed=t.seed)
         self.adapter = CrystalAdapter(model, t.doc_masking, debug_poison(t))
-        self.engine = build_engine(cfg, self.adapter, self.device, self.amp)
-        self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl", self.run_dir / "tb" if t.tensorboard else None)
+        self.engine = build_engine(cfg, self.adapter, self.device, self.amp, self.swarm)
+        self.metrics = (
+            MetricsLogger(self.run_dir / "metrics.jsonl", self.run_dir / "tb" if t.tensorboard else None)
+            if self.writer else NullMetrics()
+        )  # fmt: skip
         self.checkpointer = AsyncCheckpointer(keep_last=t.ckpt_keep_last)
         self.monitor = FaultMonitor(t.spike_factor, t.spike_window, t.max_nonfinite)
         self.step = 0  # optimizer updates done (including skipped ones)
@@ -300,7 +313,31 @@ class Trainer:
                                          sort_keys=True)  # fmt: skip
         if t.resume:
             self.resume(t.resume)
-        self._write_run_files()  # after the resume checks: a refused resume leaves the run's files as they were
+        if self.writer:
+            self._write_run_files()  # after the resume checks: a refused resume leaves the run's files as they were
+        self._fresh = not list_checkpoints(self.run_dir)  # decided by every replica before rank 0 writes one
+        if self.swarm:
+            self.swarm.barrier()
+
+    def _join_swarm(self):
+        """Under torchrun with WORLD_SIZE > 1: SwarmX data parallel (backend=streaming only)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        if self.cfg.backend.name != "streaming":
+            raise ValueError(
+                f"torchrun with WORLD_SIZE={world} needs backend=streaming (SwarmX data parallel); "
+                f"backend={self.cfg.backend.name} runs on one device"
+            )
+        per_step = self.cfg.train.global_batch // self.cfg.train.micro_batch
+        if per_step % world:
+            raise ValueError(
+                f"train.global_batch / train.micro_batch = {per_step} micro-batches per step cannot be shared by "
+                f"{world} replicas; make it a multiple of {world}"
+            )
+        from streaming.swarm import init_from_env
+
+        return init_from_env()
 
     # -- run directory ----------------------------------------------------------------------------
 
@@ -374,8 +411,10 @@ class Trainer:
         self.metrics.log("checkpoint", step=self.step, tokens=self.tokens, checkpoint=step_dir_name(self.step),
                          ckpt_kind=kind, ends_chunk=ends_chunk)  # fmt: skip
         meta = {**self.state_dict(), "ends_chunk": ends_chunk}
-        self.checkpointer.save(self.run_dir, self.step, self.engine.state_dict(), meta, self.config_yaml,
-                               blocking=blocking, kind=kind, extra_files=extra)  # fmt: skip
+        state = self.engine.state_dict()
+        if self.writer:
+            self.checkpointer.save(self.run_dir, self.step, state, meta, self.config_yaml,
+                                   blocking=blocking, kind=kind, extra_files=extra)  # fmt: skip
 
     def _ending_chunk(self) -> int | None:
         """The chunk a release checkpoint now would end; None when no step ran since the last one."""
@@ -478,7 +517,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         first_sample = self.loader.next_samples(1)[0]
-        batches = self.loader.next_step()
+        batches = self.loader.next_step()[self.rank :: self.world]  # this replica's share of the step
         lr = self.lr(self.step)
         result = self.engine.train_step(batches, lr)
         if self.device.type == "cuda":
@@ -511,6 +550,8 @@ class Trainer:
         """Back to the newest checkpoint before the offending samples; exclude them from now on."""
         t = self.cfg.train
         self.checkpointer.wait()
+        if self.swarm:  # every replica reads the checkpoint rank 0 has finished writing
+            self.swarm.barrier()
         if self.rollbacks >= t.max_rollbacks:
             raise TrainingError(
                 f"{fault.reason} at step {fault.steps[1]} after {self.rollbacks} rollbacks (train.max_rollbacks); "
@@ -558,11 +599,12 @@ class Trainer:
             f"run dir {self.run_dir}"
         )
         last: dict[str, Any] = {}
-        if not list_checkpoints(self.run_dir):  # where this run starts (step 0 or a stage's start) is checkpoint -1
+        if self._fresh:  # where this run starts (step 0 or a stage's start) is checkpoint -1
             last["eval"] = self._evaluate_and_log(checkpoint=True)
             self.save_checkpoint(RELEASE)
         end = min(t.steps, t.stop_after or t.steps)  # this process stops at `end`; the schedule runs to t.steps
-        bar = tqdm(total=end, initial=self.step, disable=not t.progress, dynamic_ncols=True, desc="train")
+        bar = tqdm(total=end, initial=self.step, disable=not (t.progress and self.writer), dynamic_ncols=True,
+                   desc="train")  # fmt: skip
         try:
             while self.step < end:
                 self.checkpointer.poll()  # a failed background write stops training here, not later
@@ -584,7 +626,8 @@ class Trainer:
                 stop = self.step == end and end < t.steps
                 if self.step % t.eval_every == 0 or release:
                     last["eval"] = self._evaluate_and_log(checkpoint=release)
-                    bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in last["eval"].items()))
+                    if self.writer:
+                        bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in last["eval"].items()))
                 if release:
                     self.save_checkpoint(RELEASE)
                 elif stop or (t.ckpt_keep_every and self.step % t.ckpt_keep_every == 0):

@@ -40,6 +40,8 @@ class Swarm:
             group = dist.new_group(backend="gloo")  # host tensors
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
         self._inflight: list[tuple[Unit, dist.Work]] = []
 
     def reduce_async(self, unit: Unit) -> None:
@@ -56,6 +58,9 @@ class Swarm:
             done.append(unit)
         self._inflight = []
         return done
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
 
     def sum_scalars(self, values: torch.Tensor) -> torch.Tensor:
         out = values.detach().to("cpu", torch.float64)

@@ -4,7 +4,10 @@ checkpoint interchange, the host-memory check, SwarmX over gloo, and the executo
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +24,8 @@ from streaming.backends.resident import ResidentEngine
 from streaming.backends.streaming import StreamingEngine
 from streaming.executor import MAX_SLOTS, overlap_report
 from streaming.store import HostMemoryError, check_host_memory
-from tests.test_train import SMALL, run_trainer, train_losses
+from tests.conftest import FAST_DATA
+from tests.test_train import REPO, SMALL, run_trainer, train_losses
 
 VOCAB, SEQ = 256, 24
 CPU = torch.device("cpu")
@@ -212,3 +216,19 @@ def test_two_gloo_replicas_equal_one_process_with_twice_the_batch(tmp_path):
             # atol: an element whose gradient is ~0 gets an Adam step of arbitrary sign, up to ~lr in size
             torch.testing.assert_close(r["state"]["model"][k], v, rtol=1e-5, atol=1e-5)
     assert_states_equal(ranks[0]["state"], ranks[1]["state"])  # replicas never drift apart
+
+
+def test_torchrun_data_parallel_run_matches_one_process(fast_config, tmp_path):
+    """`torchrun --nproc_per_node=2 -m crystal.train backend=streaming`: each replica takes half of every step's
+    micro-batches; rank 0 alone writes metrics and checkpoints, and its losses equal a one-process run's."""
+    args = [*FAST_DATA, *SMALL, "train.steps=3", "train.ckpt_every=3", "train.plots=false", "backend=streaming",
+            f"train.out_dir={tmp_path}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
+    subprocess.run([*torchrun, "-m", "crystal.train", *args, "train.run_name=dp"], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    single = run_trainer(fast_config(*args, "train.run_name=single"))
+    dp, one = train_losses(tmp_path / "dp"), train_losses(single.run_dir)
+    assert sorted(dp) == [1, 2, 3]
+    assert [dp[s] for s in (1, 2, 3)] == pytest.approx([one[s] for s in (1, 2, 3)], rel=1e-6)
+    assert not (tmp_path / "dp" / "replicas").exists() and find_latest(tmp_path / "dp").name == "step-00000003"

@@ -53,6 +53,11 @@ class StreamingEngine:
         self.adapter, self.device, self.swarm = adapter, device, swarm
         cuda = device.type == "cuda"
         weights_dtype = resolve_stream_dtype(stream_dtype, device, autocast_dtype)
+        if weights_dtype != torch.float32 and autocast_dtype != weights_dtype:
+            raise ValueError(
+                f"backend.streaming.stream_dtype={stream_dtype} sends bf16 weights, which needs bf16 compute: "
+                "set train.precision=bf16 or backend.streaming.stream_dtype=fp32"
+            )
         self.grad_dtype = DTYPES[grad_dtype]
         self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype,
                                check_memory=check_memory)  # fmt: skip
