@@ -74,7 +74,8 @@ class HostAdamW:
 
     @torch.no_grad()
     def update(self, unit: Unit, lr: float, clip: torch.Tensor) -> None:
-        torch._foreach_mul_(unit.grads, clip)
+        if clip.item() < 1.0:  # x * 1.0 == x exactly: an unclipped step skips a pass over the gradients
+            torch._foreach_mul_(unit.grads, clip)
         beta1, beta2 = self.settings.betas
         for g in self.unit_groups[id(unit)]:
             steps = [unit.steps[k] for k in g.members]
