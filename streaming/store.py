@@ -85,8 +85,7 @@ class Layout:
 
 
 def _alloc(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    t = torch.zeros(numel, dtype=dtype)
-    return t.pin_memory() if pin else t
+    return torch.zeros(numel, dtype=dtype, pin_memory=pin)
 
 
 class Unit:
@@ -95,10 +94,10 @@ class Unit:
     def __init__(self, index: int | None, layout: Layout, pin: bool, shadow_dtype: torch.dtype | None) -> None:
         self.index, self.layout = index, layout
         n = layout.numel
-        self.master = _alloc(n, torch.float32, pin)
+        self.master = _alloc(n, torch.float32, pin and shadow_dtype is None)  # what the device copies from
         self.exp_avg = _alloc(n, torch.float32, False)
         self.exp_avg_sq = _alloc(n, torch.float32, False)
-        self.grad = _alloc(n, torch.float32, pin)
+        self.grad = _alloc(n, torch.float32, False)  # gradients arrive through pinned staging buffers
         self.grad_ready = False  # False: the next gradient overwrites the accumulator instead of adding
         # One step counter per parameter, as torch's AdamW keeps them (so checkpoints interchange).
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in layout.slots]

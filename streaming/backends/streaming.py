@@ -143,10 +143,10 @@ class StreamingEngine:
     # -- the engine interface --------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[Any], lr: float) -> StepResult:
+        self.executor.tracer.begin_step(self.steps, self.executor.compute_stream)
         self.executor.slots.invalidate()  # the last update changed every block
         self.executor.refresh_rest()
         self.optimizer.start_step()
-        self.executor.tracer.begin_step(self.steps, self.executor.compute_stream)
         loss, tokens = self.executor.forward_backward(micro_batches, self._on_grad)
         self._finish_gradients()
         loss_value = loss.item()
