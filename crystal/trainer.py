@@ -55,6 +55,7 @@ from crystal.utils import (
     git_commit,
     resolve_device,
     rng_state,
+    seconds_since_launch,
     set_determinism,
     set_rng_state,
 )
@@ -605,6 +606,7 @@ class Trainer:
         end = min(t.steps, t.stop_after or t.steps)  # this process stops at `end`; the schedule runs to t.steps
         bar = tqdm(total=end, initial=self.step, disable=not (t.progress and self.writer), dynamic_ncols=True,
                    desc="train")  # fmt: skip
+        first_step_of_process = True
         try:
             while self.step < end:
                 self.checkpointer.poll()  # a failed background write stops training here, not later
@@ -617,6 +619,10 @@ class Trainer:
                     bar.refresh()
                     continue
                 last = row
+                if first_step_of_process:  # the README's start-up figure: command -> first optimizer step
+                    first_step_of_process = False
+                    self.metrics.log("event", event="first_step", step=self.step,
+                                     seconds_since_launch=round(seconds_since_launch(), 2))  # fmt: skip
                 if self.step % t.log_every == 0 or self.step == t.steps or row["skipped"] or row["rolled_back"]:
                     self.metrics.log("train", **row)
                 self._rolled_back = False
