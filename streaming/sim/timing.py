@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from streaming.sim.engine import LANES, Engine, Task
-from streaming.sim.profile import DTYPE_BYTES, ClusterProfile, RunDefaults
+from streaming.sim.profile import DTYPE_BYTES, ClusterProfile, DeviceProfile, RunDefaults
 from streaming.sim.shapes import ModelShape
 
 FWD_OPS, BWD_OPS = 20, 45
@@ -69,10 +69,20 @@ def collective_s(nbytes: float, replicas: int, prof: ClusterProfile) -> float:
     return 2 * (replicas - 1) / replicas * nbytes / bw + 2 * (replicas - 1) * lat
 
 
-def compute_costs(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> Costs:
-    dev, link, host = prof.device, prof.link, prof.host
-    seq = run.seq or shape.max_seq_len
-    t = run.batch * seq
+@dataclass
+class BlockTimes:
+    fwd: float  # one block forward
+    bwd: float  # one block backward (without recompute)
+    embed_fwd: float
+    embed_bwd: float
+    head: float  # final norm + LM head + cross entropy, forward and backward
+
+
+def block_times(shape: ModelShape, dev: DeviceProfile, batch: int, seq: int, tp: int = 1) -> BlockTimes:
+    """Compute time of one micro-batch of `batch` sequences; tp > 1 splits every linear Megatron-style
+    (QKV, c_fc, c_fc2 by output columns; attention out, c_proj by input rows), the heads, the FFN's
+    elementwise work and the LM head's vocab across tp devices."""
+    t = batch * seq
     d, f, v = shape.d_model, shape.ffn_hidden, shape.vocab_size
     ab = DTYPE_BYTES[dev.compute_dtype]
     mem = dev.memory_gbps * 1e9
@@ -82,16 +92,29 @@ def compute_costs(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> 
         flops = 2.0 * m * k * n
         return flops / dev.matmul_rate(flops)
 
-    lin_f = sum(mm(t, i, o) for _, i, o in shape.block_linears())
-    lin_b = sum(mm(t, o, i) + mm(i, t, o) for _, i, o in shape.block_linears())  # dX and dW
-    attn_f = 2.0 * run.batch * seq * seq * d
-    elem_f = t * (21 * d + 5 * f) * ab / mem
-    elem_b = t * (2 * (21 * d + 5 * f) + ((5 * d + 2 * f) if shape.bias else 0)) * ab / mem
-    block_fwd = lin_f + attn_f / (dev.attention_fwd_tflops * 1e12) + elem_f + FWD_OPS * ovh
-    block_bwd = lin_b + 2.5 * attn_f / (dev.attention_bwd_tflops * 1e12) + elem_b + BWD_OPS * ovh
+    split = [(i // tp if name in ("attn_out", "c_proj") else i, o if name in ("attn_out", "c_proj") else o // tp)
+             for name, i, o in shape.block_linears()]  # fmt: skip
+    lin_f = sum(mm(t, i, o) for i, o in split)
+    lin_b = sum(mm(t, o, i) + mm(i, t, o) for i, o in split)  # dX and dW
+    attn_f = 2.0 * batch * seq * seq * d / tp
+    elem = 21 * d + 5 * f / tp
+    elem_f = t * elem * ab / mem
+    elem_b = t * (2 * elem + ((5 * d + 2 * f / tp) if shape.bias else 0)) * ab / mem
     emb = t * 2 * d * ab / mem
-    head = mm(t, d, v) + mm(t, v, d) + mm(d, t, v) + t * (4 * d * ab + 5 * v * 4) / mem + 8 * ovh
+    vt = v // tp
+    return BlockTimes(
+        fwd=lin_f + attn_f / (dev.attention_fwd_tflops * 1e12) + elem_f + FWD_OPS * ovh,
+        bwd=lin_b + 2.5 * attn_f / (dev.attention_bwd_tflops * 1e12) + elem_b + BWD_OPS * ovh,
+        embed_fwd=emb + ovh,
+        embed_bwd=emb + 2 * ovh,
+        head=mm(t, d, vt) + mm(t, vt, d) + mm(d, t, vt) + t * (4 * d * ab + 5 * vt * 4) / mem + 8 * ovh,
+    )
 
+
+def compute_costs(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> Costs:
+    dev, link, host = prof.device, prof.link, prof.host
+    bt = block_times(shape, dev, run.batch, run.seq or shape.max_seq_len)
+    mem = dev.memory_gbps * 1e9
     pb, pn = shape.block_params, shape.nonblock_params
     sb, gb = DTYPE_BYTES[run.stream_dtype], DTYPE_BYTES[run.grad_dtype]
     lat = link.latency_us * 1e-6
@@ -102,7 +125,7 @@ def compute_costs(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> 
     else:
         resident_opt = shape.params * ADAM_DEVICE_BYTES / mem
     return Costs(
-        block_fwd=block_fwd, block_bwd=block_bwd, embed_fwd=emb + ovh, embed_bwd=emb + 2 * ovh, head=head,
+        block_fwd=bt.fwd, block_bwd=bt.bwd, embed_fwd=bt.embed_fwd, embed_bwd=bt.embed_bwd, head=bt.head,
         block_h2d=pb * sb / (link.h2d_gbps * 1e9) + lat, block_d2h=pb * gb / (link.d2h_gbps * 1e9) + lat,
         nonblock_h2d=pn * sb / (link.h2d_gbps * 1e9) + lat, nonblock_d2h=pn * gb / (link.d2h_gbps * 1e9) + lat,
         block_opt=pb / opt, nonblock_opt=pn / opt,
