@@ -145,6 +145,15 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in str(extra.get("sizes", "16,64")).split(",")]
     rows = compare(shape, prof, sizes, int(extra.get("global_batch", 2112)))
     print(table(rows))
+    if prof.name == "h100":
+        from streaming.sim.gpu import h100_checks
+
+        print("\nchecks against DESIGN.md's measured H100 runs (8-layer, 1.88B params, 8 x 2048 tokens/step):")
+        for what, measured, predicted in h100_checks(prof):
+            print(
+                f"  {what:<38} measured {measured:>7,.0f} tok/s  predicted {predicted:>7,.0f}  "
+                f"ratio {predicted / measured:.2f}"
+            )
     if args.csv:
         from streaming.sim.gpu import write_csv
 

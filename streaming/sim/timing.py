@@ -155,7 +155,7 @@ def memory(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> dict[st
     out: dict[str, float] = {}
     if run.schedule == "resident":
         out["device: weights+grads+Adam (fp32)"] = shape.params * 16
-        out["device: activations"] = L * (t * d * ab + internals_one)
+        out["device: activations"] = L * t * d * ab + (1 if run.recompute else L) * internals_one
         out["device: logits"] = t_int * v * 4 * 2
         out["host: (nothing streamed)"] = 0
     else:
@@ -309,7 +309,8 @@ class _Builder:
 
     def _resident_step(self, s: int) -> None:
         """backend=resident for comparison: weights stay on the device, no copies, AdamW after the backward
-        (on the device for a GPU, on the cores for a CPU), next step after the update."""
+        (on the device for a GPU, on the cores for a CPU), next step after the update; recompute = activation
+        checkpointing."""
         run, c, L = self.run, self.c, self.shape.n_layer
         prev = self.opt_done.get("all")
         reduces = []
@@ -319,6 +320,8 @@ class _Builder:
                 self.compute(f"F{i} mb{m}", c.block_fwd, None, s)
             self.compute(f"head mb{m}", c.head, None, s)
             for i in reversed(range(L)):
+                if run.recompute:  # activation checkpointing
+                    self.compute(f"R{i} mb{m}", c.block_fwd, None, s)
                 b = self.compute(f"B{i} mb{m}", c.block_bwd, None, s)
                 if run.replicas > 1 and m == run.micro_batches - 1:
                     reduces.append(self.eng.add("reduce", f"reduce {i}", c.block_reduce, [b], i, s))
