@@ -138,6 +138,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+SENSITIVITY = {
+    "matmul + attention rate": lambda p, k: replace(p, device=replace(
+        p.device, matmul_tflops=[[g, r * k] for g, r in p.device.matmul_tflops],
+        attention_fwd_tflops=p.device.attention_fwd_tflops * k,
+        attention_bwd_tflops=p.device.attention_bwd_tflops * k)),
+    "weight/grad link (h2d, d2h)": lambda p, k: replace(p, link=replace(
+        p.link, h2d_gbps=p.link.h2d_gbps * k, d2h_gbps=p.link.d2h_gbps * k, duplex_gbps=p.link.duplex_gbps * k)),
+    "host optimizer rate": lambda p, k: replace(p, host=replace(
+        p.host, optimizer_mparams_per_s=p.host.optimizer_mparams_per_s * k)),
+    "reduce network": lambda p, k: replace(p, network=replace(
+        p.network, inter_node_gbps=p.network.inter_node_gbps * k, intra_node_gbps=p.network.intra_node_gbps * k)),
+    "device memory bandwidth": lambda p, k: replace(p, device=replace(p.device, memory_gbps=p.device.memory_gbps * k)),
+}  # fmt: skip
+
+
+def sensitivity(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> list[tuple[str, float, float]]:
+    """(input, tokens/s change when it is halved, when it is doubled), largest effect first."""
+    base = simulate(shape, prof, run).tokens_s
+    rows = []
+    for name, scale in SENSITIVITY.items():
+        lo, hi = (simulate(shape, scale(prof, k), run).tokens_s / base - 1 for k in (0.5, 2.0))
+        rows.append((name, lo, hi))
+    return sorted(rows, key=lambda r: -max(abs(r[1]), abs(r[2])))
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    shape, prof, run, _ = resolve(args.overrides)
+    print(f"{shape.name} on {prof.name} x {run.replicas}: tokens/s change when one input is halved / doubled")
+    for name, lo, hi in sensitivity(shape, prof, run):
+        print(f"  {name:<30} x0.5: {100 * lo:+6.1f}%   x2: {100 * hi:+6.1f}%")
+    return 0
+
+
 def cmd_gpu(args: argparse.Namespace) -> int:
     from streaming.sim.gpu import compare, table
 
@@ -163,7 +196,7 @@ def cmd_gpu(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("calibrate", "sweep", "gpu") else "predict"
+    command = argv.pop(0) if argv and argv[0] in ("calibrate", "sweep", "gpu", "sensitivity") else "predict"
     ap = argparse.ArgumentParser(prog=f"python -m streaming.sim{'' if command == 'predict' else ' ' + command}")
     ap.add_argument("overrides", nargs="*", help="key=value: model=, cluster=, batch=, seq=, micro_batches=, "
                     "schedule=, prefetch=, recompute=, stream_dtype=, grad_dtype=, replicas= (num_cs2=), "
@@ -176,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--out", type=Path, default=Path("conf/cluster/cpu.yaml"))
         ap.add_argument("--budget-s", type=float, default=20.0, help="total measuring time (default 20)")
         fn = cmd_calibrate
+    elif command == "sensitivity":
+        fn = cmd_sensitivity
     elif command == "sweep":
         ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
         fn = cmd_sweep

@@ -61,8 +61,8 @@ def plot_timeline(events: list[dict], png_path: str | Path, title: str = "") -> 
     fig, ax = plt.subplots(figsize=(12, 0.6 * len(lanes) + 1.4))
     for row, lane in enumerate(lanes):
         spans = [(e["start_s"] * scale, e["dur_s"] * scale) for e in events if e["lane"] == lane]
-        ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=COLORS.get(lane, "tab:gray"), edgecolor="white",
-                       linewidth=0.3)  # fmt: skip
+        ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=COLORS.get(lane, "tab:gray"), edgecolor="black",
+                       linewidth=0.15)  # fmt: skip
         for e in events:
             if e["lane"] == lane and e["dur_s"] > end * 0.03 and e.get("block") is not None:
                 ax.text((e["start_s"] + e["dur_s"] / 2) * scale, row, str(e["block"]), ha="center", va="center",
