@@ -2,11 +2,12 @@
 
     python -m streaming.sim calibrate --out conf/cluster/cpu.yaml [--budget-s 20]
 
-What is measured, with torch's default thread count (the one the trainer uses):
+What is measured, with torch's default thread count (the trainer's) unless --threads says otherwise:
   matmul     fp32 F.linear (with bias, as the model's layers) at sizes shaped like the small models'
              linears -> TFLOP/s by GFLOP
   attention  SDPA causal fp32 forward and forward+backward at the tiny model's shape
   elementwise  layer_norm + silu*mul + residual add over an activation-sized tensor -> read+write GB/s
+  softmax    F.cross_entropy forward+backward over fp32 logits -> GB/s as timing.py counts them
   memcpy     copy_ of a block-sized fp32 buffer -> GB/s (the CPU executor's host -> "device" copy)
   AdamW      torch.optim.AdamW(fused=True) over block-sized tensors -> params/s
   accumulate fp32 add_ into an accumulator -> accumulator GB/s
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 MATMUL_SHAPES = [(64, 64, 64), (512, 256, 256), (2048, 256, 768), (2048, 256, 682), (2048, 512, 1536),
-                 (4096, 512, 1365), (8192, 512, 1536)]  # fmt: skip
+                 (1024, 512, 4096), (4096, 512, 1365), (8192, 512, 1536)]  # fmt: skip
 
 
 def _time(fn, budget_s: float, min_reps: int = 3) -> float:
@@ -51,7 +52,7 @@ def measure(budget_s: float = 20.0) -> dict:
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    each = budget_s / (len(MATMUL_SHAPES) + 7)
+    each = budget_s / (len(MATMUL_SHAPES) + 8)
     out: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
 
     table = []
@@ -87,6 +88,16 @@ def measure(budget_s: float = 20.0) -> dict:
 
     s = _time(elementwise, each)
     out["elementwise"] = t * (5 * d + 5 * f) * 4 / s / 1e9
+
+    rows, vocab = 1024, 4096
+    logits = torch.randn(rows, vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+
+    def cross_entropy():
+        F.cross_entropy(logits * 0.5, targets).backward()
+
+    s = _time(cross_entropy, each)
+    out["softmax"] = rows * 11 * vocab * 4 / s / 1e9  # the 11 V fp32 elements per token timing.py counts
 
     n = 4 * 1024 * 1024  # ~ a small-model block in fp32 (16 MB)
     src, dst = torch.randn(n), torch.empty(n)
@@ -130,7 +141,7 @@ def render(m: dict, budget_s: float) -> str:
     peak = max(r for _, r in m["matmul"])
     return f"""\
 # This machine as a streaming device (device = cpu), written by
-#   python -m streaming.sim calibrate --out conf/cluster/cpu.yaml --budget-s {budget_s:g}
+#   python -m streaming.sim calibrate --out conf/cluster/cpu.yaml --budget-s {budget_s:g} --threads {m["threads"]}
 # measured {date} on host {host} ({cpu}, {m["threads"]} torch threads, torch {m["torch"]}).
 # Every rate below is a median measured by streaming/sim/calibrate.py at that time; the machine may be shared.
 name: cpu
@@ -142,6 +153,7 @@ device:
   attention_fwd_tflops: {m["attention_fwd"]:.4g}  # measured: SDPA causal fp32 B4 H2 S256 D128 forward
   attention_bwd_tflops: {m["attention_bwd"]:.4g}  # measured: the same, backward (2.5 x forward FLOPs)
   memory_gbps: {m["elementwise"]:.4g}  # measured: layer_norm + silu*mul + add, read+write bytes/s
+  softmax_gbps: {m["softmax"]:.4g}  # measured: F.cross_entropy fwd+bwd on (1024, 4096) fp32 logits, 11 V x 4 B/token
   memory_gb: {mem:.1f}  # /proc/meminfo MemTotal (the device is the host's memory)
   compute_dtype: fp32  # the CPU executor runs fp32 (bitwise checks against resident)
   op_overhead_us: {m["op_overhead_us"]:.3g}  # measured: one tiny torch.add
@@ -171,9 +183,14 @@ run:  # the CPU validation bench's defaults
 """
 
 
-def calibrate(out: str | Path, budget_s: float = 20.0) -> Path:
+def calibrate(out: str | Path, budget_s: float = 20.0, threads: int = 0) -> Path:
+    """Measure and write a profile; threads > 0 sets torch's thread count first (0 = torch's default)."""
+    import torch
+
     from streaming.sim.profile import load_profile
 
+    if threads:
+        torch.set_num_threads(threads)
     text = render(measure(budget_s), budget_s)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from streaming.sim.calibrate import calibrate
 
-    path = calibrate(args.out, args.budget_s)
+    path = calibrate(args.out, args.budget_s, args.threads)
     print(f"wrote {path}")
     return 0
 
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "calibrate":
         ap.add_argument("--out", type=Path, default=Path("conf/cluster/cpu.yaml"))
         ap.add_argument("--budget-s", type=float, default=20.0, help="total measuring time (default 20)")
+        ap.add_argument("--threads", type=int, default=0, help="torch threads while measuring (0 = torch's default)")
         fn = cmd_calibrate
     elif command == "sensitivity":
         fn = cmd_sensitivity

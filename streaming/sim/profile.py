@@ -39,6 +39,9 @@ class DeviceProfile:
     attention_bwd_tflops: float  # causal attention backward, on 2.5 x forward FLOPs
     memory_gbps: float  # read+write bytes/s of elementwise ops (norms, activations, residuals)
     memory_gb: float  # memory that holds weight buffers and activations
+    # read+write bytes/s of the cross entropy over fp32 logits (exp-heavy, slower than plain elementwise
+    # on a CPU); 0 = memory_gbps
+    softmax_gbps: float = 0.0
     compute_dtype: str = "bf16"  # activations and streamed compute
     op_overhead_us: float = 0.0  # fixed cost per op launch / dispatch
     shares_host_memory: bool = False  # the device memory is the host's (CPU): fit checks add both tiers
@@ -141,7 +144,8 @@ class ClusterProfile:
             if not value > 0:
                 raise ValueError(f"{where}: {key}={value} must be > 0")
         nonneg = {
-            "device.op_overhead_us": d.op_overhead_us, "device.internals_batch": d.internals_batch,
+            "device.op_overhead_us": d.op_overhead_us, "device.softmax_gbps": d.softmax_gbps,
+            "device.internals_batch": d.internals_batch,
             "link.latency_us": lk.latency_us, "host.accumulate_gbps": h.accumulate_gbps,
             "network.intra_node_gbps": n.intra_node_gbps, "network.inter_node_gbps": n.inter_node_gbps,
             "network.latency_us": n.latency_us,

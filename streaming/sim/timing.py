@@ -14,7 +14,8 @@ What a block costs (per micro-batch, per replica):
             backward twice that plus the bias-gradient reductions (5 d + 2 F)
   op launches  20 forward, 45 backward, x device.op_overhead_us
 Embedding: gather forward, scatter-add backward (2 d elements per token). Head: final norm,
-the LM-head matmul (T, d, V) and the cross entropy over fp32 logits (3 V forward, 2 V backward).
+the LM-head matmul (T, d, V) and the cross entropy over fp32 logits (11 V elements per token read+written:
+scale, log-softmax, NLL forward; their backward, as torch's unfused F.cross_entropy does).
 Recompute adds one block forward before each block backward.
 
 Step model: see `simulate`. Time is one replica's; replicas meet only in the reduce lane.
@@ -101,13 +102,14 @@ def block_times(shape: ModelShape, dev: DeviceProfile, batch: int, seq: int, tp:
     elem_f = t * elem * ab / mem
     elem_b = t * (2 * elem + ((5 * d + 2 * f / tp) if shape.bias else 0)) * ab / mem
     emb = t * 2 * d * ab / mem
+    sm = (dev.softmax_gbps or dev.memory_gbps) * 1e9
     vt = v // tp
     return BlockTimes(
         fwd=lin_f + attn_f / (dev.attention_fwd_tflops * 1e12) + elem_f + FWD_OPS * ovh,
         bwd=lin_b + 2.5 * attn_f / (dev.attention_bwd_tflops * 1e12) + elem_b + BWD_OPS * ovh,
         embed_fwd=emb + ovh,
         embed_bwd=emb + 2 * ovh,
-        head=mm(t, d, vt) + mm(t, vt, d) + mm(d, t, vt) + t * (4 * d * ab + 5 * vt * 4) / mem + 8 * ovh,
+        head=mm(t, d, vt) + mm(t, vt, d) + mm(d, t, vt) + t * 4 * d * ab / mem + t * 11 * vt * 4 / sm + 8 * ovh,
     )
 
 
