@@ -401,7 +401,7 @@ def simulate(shape: ModelShape, prof: ClusterProfile, run: RunDefaults | None = 
     return Prediction(
         shape=shape, profile=prof, run=run, seq=seq, step_s=step_s, tokens_per_step=tokens, tokens_s=tokens_s,
         mfu=mfu, busy_s=busy, bottleneck=max(busy, key=busy.get), memory=mem, fits=fits, fit_note=note,
-        events=events_of(tasks, last, t0), costs=c,
+        events=events_of(tasks, last, min([t0] + [t.start_s for t in tasks if t.step == last])), costs=c,
     )  # fmt: skip
 
 
