@@ -86,6 +86,9 @@ def predict(cfg, profile, schedule_default: str) -> float:
     elif knobs is not None:
         changes = {k: getattr(knobs, k) for k in ("schedule", "prefetch", "recompute", "stream_dtype", "grad_dtype")
                    if hasattr(knobs, k)}  # fmt: skip
+        for k in ("stream_dtype", "grad_dtype"):  # "auto" = the compute dtype (fp32 on this CPU)
+            if changes.get(k) == "auto":
+                changes[k] = "fp32" if profile.device.compute_dtype == "fp32" else "bf16"
         run = dataclasses.replace(run, **changes)
     return simulate(shape, profile, run).step_s
 
