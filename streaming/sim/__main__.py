@@ -1,0 +1,5 @@
+import sys
+
+from streaming.sim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,418 @@
+"""Per-task costs (FLOPs and bytes -> seconds on a profile) and the event model of one training step.
+
+Shape legend: B = sequences per micro-batch per replica, S = sequence length, T = B * S tokens,
+d = d_model, F = ffn_hidden, V = vocab, P_b = parameters of one block.
+
+What a block costs (per micro-batch, per replica):
+  matmuls   QKV (T, d, 3d), attention out (T, d, d), c_fc and c_fc2 (T, d, F), c_proj (T, F, d);
+            forward 2 T in out FLOPs each, backward twice that (dX and dW), at the profile's
+            rate for a matmul of that size
+  attention causal: forward 2 B S^2 d FLOPs (half of QK^T and PV), backward 2.5 x forward
+            (flash-attention's convention: recomputed scores + 4 matmuls)
+  elementwise  forward (21 d + 5 F) elements per token read+written (2 norms, RoPE, q/k/v
+            relayout, 2 residual adds, SiLU x gate) x activation bytes / memory bandwidth;
+            backward twice that plus the bias-gradient reductions (5 d + 2 F)
+  op launches  20 forward, 45 backward, x device.op_overhead_us
+Embedding: gather forward, scatter-add backward (2 d elements per token). Head: final norm,
+the LM-head matmul (T, d, V) and the cross entropy over fp32 logits (11 V elements per token read+written:
+scale, log-softmax, NLL forward; their backward, as torch's unfused F.cross_entropy does).
+Recompute adds one block forward before each block backward.
+
+Step model: see `simulate`. Time is one replica's; replicas meet only in the reduce lane.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from streaming.sim.engine import LANES, Engine, Task
+from streaming.sim.profile import DTYPE_BYTES, ClusterProfile, DeviceProfile, RunDefaults
+from streaming.sim.shapes import ModelShape
+
+FWD_OPS, BWD_OPS = 20, 45
+ADAM_DEVICE_BYTES = 28  # resident AdamW on a GPU: read w, g, m, v (fp32) and write w, m, v, per param
+
+
+@dataclass
+class Costs:
+    """Seconds of every task kind for one (shape, profile, run)."""
+
+    block_fwd: float
+    block_bwd: float
+    embed_fwd: float
+    embed_bwd: float
+    head: float  # head forward + backward of one micro-batch
+    block_h2d: float
+    block_d2h: float
+    nonblock_h2d: float
+    nonblock_d2h: float
+    block_opt: float
+    nonblock_opt: float
+    block_accum: float
+    nonblock_accum: float
+    block_reduce: float
+    nonblock_reduce: float
+    resident_opt: float  # the whole model's AdamW when resident
+
+
+def collective_s(nbytes: float, replicas: int, prof: ClusterProfile) -> float:
+    """All-reduce of nbytes across replicas: ring (2 (R-1)/R bytes per device over the slowest link) or
+    SwarmX-style in-network tree (each device sends its bytes once; the switch tree reduces)."""
+    if replicas <= 1:
+        return 0.0
+    n = prof.network
+    within = replicas <= n.devices_per_node and n.intra_node_gbps > 0
+    bw = (n.intra_node_gbps if within else (n.inter_node_gbps or n.intra_node_gbps)) * 1e9
+    lat = n.latency_us * 1e-6
+    if n.topology == "tree":
+        return nbytes / bw + math.ceil(math.log2(replicas)) * lat
+    return 2 * (replicas - 1) / replicas * nbytes / bw + 2 * (replicas - 1) * lat
+
+
+@dataclass
+class BlockTimes:
+    fwd: float  # one block forward
+    bwd: float  # one block backward (without recompute)
+    embed_fwd: float
+    embed_bwd: float
+    head: float  # final norm + LM head + cross entropy, forward and backward
+
+
+def block_times(shape: ModelShape, dev: DeviceProfile, batch: int, seq: int, tp: int = 1) -> BlockTimes:
+    """Compute time of one micro-batch of `batch` sequences; tp > 1 splits every linear Megatron-style
+    (QKV, c_fc, c_fc2 by output columns; attention out, c_proj by input rows), the heads, the FFN's
+    elementwise work and the LM head's vocab across tp devices."""
+    t = batch * seq
+    d, f, v = shape.d_model, shape.ffn_hidden, shape.vocab_size
+    ab = DTYPE_BYTES[dev.compute_dtype]
+    mem = dev.memory_gbps * 1e9
+    ovh = dev.op_overhead_us * 1e-6
+
+    def mm(m: int, k: int, n: int) -> float:
+        flops = 2.0 * m * k * n
+        return flops / dev.matmul_rate(flops)
+
+    split = [(i // tp if name in ("attn_out", "c_proj") else i, o if name in ("attn_out", "c_proj") else o // tp)
+             for name, i, o in shape.block_linears()]  # fmt: skip
+    lin_f = sum(mm(t, i, o) for i, o in split)
+    lin_b = sum(mm(t, o, i) + mm(i, t, o) for i, o in split)  # dX and dW
+    attn_f = 2.0 * batch * seq * seq * d / tp
+    elem = 21 * d + 5 * f / tp
+    elem_f = t * elem * ab / mem
+    elem_b = t * (2 * elem + ((5 * d + 2 * f / tp) if shape.bias else 0)) * ab / mem
+    emb = t * 2 * d * ab / mem
+    sm = (dev.softmax_gbps or dev.memory_gbps) * 1e9
+    vt = v // tp
+    return BlockTimes(
+        fwd=lin_f + attn_f / (dev.attention_fwd_tflops * 1e12) + elem_f + FWD_OPS * ovh,
+        bwd=lin_b + 2.5 * attn_f / (dev.attention_bwd_tflops * 1e12) + elem_b + BWD_OPS * ovh,
+        embed_fwd=emb + ovh,
+        embed_bwd=emb + 2 * ovh,
+        head=mm(t, d, vt) + mm(t, vt, d) + mm(d, t, vt) + t * 4 * d * ab / mem + t * 11 * vt * 4 / sm + 8 * ovh,
+    )
+
+
+def compute_costs(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> Costs:
+    dev, link, host = prof.device, prof.link, prof.host
+    bt = block_times(shape, dev, run.batch, run.seq or shape.max_seq_len)
+    mem = dev.memory_gbps * 1e9
+    pb, pn = shape.block_params, shape.nonblock_params
+    sb, gb = DTYPE_BYTES[run.stream_dtype], DTYPE_BYTES[run.grad_dtype]
+    lat = link.latency_us * 1e-6
+    opt = host.optimizer_mparams_per_s * 1e6
+    acc = host.accumulate_gbps * 1e9
+    if dev.shares_host_memory:
+        resident_opt = shape.params / opt
+    else:
+        resident_opt = shape.params * ADAM_DEVICE_BYTES / mem
+    return Costs(
+        block_fwd=bt.fwd, block_bwd=bt.bwd, embed_fwd=bt.embed_fwd, embed_bwd=bt.embed_bwd, head=bt.head,
+        block_h2d=pb * sb / (link.h2d_gbps * 1e9) + lat, block_d2h=pb * gb / (link.d2h_gbps * 1e9) + lat,
+        nonblock_h2d=pn * sb / (link.h2d_gbps * 1e9) + lat, nonblock_d2h=pn * gb / (link.d2h_gbps * 1e9) + lat,
+        block_opt=pb / opt, nonblock_opt=pn / opt,
+        block_accum=pb * 4 / acc if acc else 0.0, nonblock_accum=pn * 4 / acc if acc else 0.0,
+        block_reduce=collective_s(pb * gb, run.replicas, prof),
+        nonblock_reduce=collective_s(pn * gb, run.replicas, prof),
+        resident_opt=resident_opt,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory per tier
+
+
+def memory(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> dict[str, float]:
+    """Bytes per tier. Device: block weight/grad buffers, activations (block inputs kept per layer and
+    micro-batch in flight, one block's internals during recompute, or every block's without it),
+    embedding/head weights, grads and logits. Host: fp32 master + Adam m, v + fp32 grad accumulators."""
+    dev = prof.device
+    seq = run.seq or shape.max_seq_len
+    t = run.batch * seq
+    d, f, v, L = shape.d_model, shape.ffn_hidden, shape.vocab_size, shape.n_layer
+    ab, sb, gb = DTYPE_BYTES[dev.compute_dtype], DTYPE_BYTES[run.stream_dtype], DTYPE_BYTES[run.grad_dtype]
+    t_int = min(t, dev.internals_batch * seq) if dev.internals_batch else t
+    in_flight = run.micro_batches if run.schedule == "layer_major" else 1
+    internals_one = t_int * (7 * d + 4 * f) * ab  # ln1, qkv, attn out, ln2, residual, c_fc, c_fc2, silu, product
+    out: dict[str, float] = {}
+    if run.schedule == "resident":
+        out["device: weights+grads+Adam (fp32)"] = shape.params * 16
+        out["device: activations"] = L * t * d * ab + (1 if run.recompute else L) * internals_one
+        out["device: logits"] = t_int * v * 4 * 2
+        out["host: (nothing streamed)"] = 0
+    else:
+        nbuf = 2 if run.prefetch == 1 else 1
+        out["device: block buffers (weights+grads)"] = nbuf * shape.block_params * (sb + gb)
+        out["device: block inputs kept"] = L * in_flight * t * d * ab
+        out["device: block internals"] = (1 if run.recompute else L * in_flight) * internals_one
+        out["device: embedding/head (weights+grads)"] = shape.nonblock_params * (sb + gb)
+        out["device: logits"] = t_int * v * 4 * 2
+        out["host: fp32 master + Adam m, v"] = shape.params * 12
+        out["host: fp32 grad accumulators"] = shape.params * 4
+    return out
+
+
+def check_fit(mem: dict[str, float], prof: ClusterProfile) -> tuple[bool, str]:
+    dev_b = sum(v for k, v in mem.items() if k.startswith("device"))
+    host_b = sum(v for k, v in mem.items() if k.startswith("host"))
+    dev_cap, host_cap = prof.device.memory_gb * 1e9, prof.host.memory_gb * 1e9
+    if prof.device.shares_host_memory:
+        if dev_b + host_b > host_cap:
+            return False, f"needs {(dev_b + host_b) / 1e9:.1f} GB of the {host_cap / 1e9:.1f} GB host memory"
+        return True, ""
+    if dev_b > dev_cap:
+        return False, f"device needs {dev_b / 1e9:.1f} GB, has {dev_cap / 1e9:.1f} GB"
+    if host_b > host_cap:
+        return False, f"host needs {host_b / 1e9:.1f} GB, has {host_cap / 1e9:.1f} GB"
+    return True, ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The event model
+
+
+@dataclass
+class _Load:
+    h2d: int
+    last_user: int | None = None
+    grad_out: int | None = None
+
+
+@dataclass
+class _Builder:
+    eng: Engine
+    c: Costs
+    run: RunDefaults
+    prof: ClusterProfile
+    shape: ModelShape
+    loads: list[_Load] = field(default_factory=list)
+    last_dev: int | None = None  # prefetch 0: every device-side task waits for the previous one
+    opt_done: dict = field(default_factory=dict)  # block (or "embed") -> optimizer task of the previous step
+
+    def _serial(self, deps: list) -> list:
+        return deps + [self.last_dev] if self.run.prefetch == 0 else deps
+
+    def load(self, block: int, step: int) -> int:
+        deps = [self.opt_done.get(block)]
+        if self.run.prefetch == 1 and len(self.loads) >= 2:
+            deps.append(self.loads[-2].last_user)  # its buffer is free once the block two loads ago is done
+        tid = self.eng.add("h2d", f"w{block}", self.c.block_h2d, self._serial(deps), block, step)
+        self.loads.append(_Load(tid))
+        self.last_dev = tid
+        return tid
+
+    def compute(self, name: str, dur: float, block: int | None, step: int, deps=(), writes_grad=False) -> int:
+        deps = list(deps)
+        if block is not None and self.loads:
+            deps.append(self.loads[-1].h2d)
+            if writes_grad and self.run.prefetch == 1 and len(self.loads) >= 3:
+                deps.append(self.loads[-3].grad_out)  # the grad buffer two loads ago has been sent out
+        tid = self.eng.add("compute", name, dur, self._serial(deps), block, step)
+        if block is not None and self.loads:
+            self.loads[-1].last_user = tid
+        self.last_dev = tid
+        return tid
+
+    def grad_out(self, block: int, step: int, nbytes_time: float) -> int:
+        tid = self.eng.add("d2h", f"g{block}", nbytes_time, self._serial([self.last_dev]), block, step)
+        if self.loads:
+            self.loads[-1].grad_out = tid
+        self.last_dev = tid
+        return tid
+
+    def finish_block(self, block, step: int, after: int, reduce_s: float, opt_s: float, deferred: list) -> None:
+        """Reduce across replicas then AdamW on the host: now (host overlaps) or after the backward (CPU)."""
+        if self.run.replicas > 1:
+            after = self.eng.add("reduce", f"reduce {block}", reduce_s, [after], None if block == "embed" else block,
+                                 step)  # fmt: skip
+        if self.prof.host.overlap:
+            self.opt_done[block] = self.eng.add("optimizer", f"adam {block}", opt_s, [after],
+                                                None if block == "embed" else block, step)  # fmt: skip
+        else:
+            deferred.append((block, after, opt_s))
+
+    def step(self, s: int) -> None:
+        run, c, L, M = self.run, self.c, self.shape.n_layer, self.run.micro_batches
+        if run.schedule == "resident":
+            return self._resident_step(s)
+        emb_in = self.eng.add("h2d", "embedding/head", c.nonblock_h2d, self._serial([self.opt_done.get("embed")]),
+                              None, s)  # fmt: skip
+        self.last_dev = emb_in
+        deferred: list = []
+        last_grad: dict[int, int] = {}
+
+        def send(i: int) -> None:
+            g = self.grad_out(i, s, c.block_d2h)
+            last_grad[i] = self.eng.add("optimizer", f"accum {i}", c.block_accum, [g], i, s) if c.block_accum else g
+
+        if run.schedule == "batch_major":
+            for m in range(M):
+                self.compute(f"embed fwd mb{m}", c.embed_fwd, None, s, [emb_in])
+                for i in range(L):
+                    self.load(i, s)
+                    self.compute(f"F{i} mb{m}", c.block_fwd, i, s)
+                self.compute(f"head mb{m}", c.head, None, s)
+                for i in reversed(range(L)):
+                    self.load(i, s)
+                    if run.recompute:
+                        self.compute(f"R{i} mb{m}", c.block_fwd, i, s)
+                    self.compute(f"B{i} mb{m}", c.block_bwd, i, s, writes_grad=True)
+                    send(i)
+                    if m == M - 1:
+                        self.finish_block(i, s, last_grad[i], c.block_reduce, c.block_opt, deferred)
+                emb_bwd = self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
+        else:  # layer_major: a block, once on the device, serves every micro-batch of the step
+            for m in range(M):
+                self.compute(f"embed fwd mb{m}", c.embed_fwd, None, s, [emb_in])
+            for i in range(L):
+                self.load(i, s)
+                for m in range(M):
+                    self.compute(f"F{i} mb{m}", c.block_fwd, i, s)
+            for m in range(M):
+                self.compute(f"head mb{m}", c.head, None, s)
+            for i in reversed(range(L)):
+                self.load(i, s)
+                for m in range(M):
+                    if run.recompute:
+                        self.compute(f"R{i} mb{m}", c.block_fwd, i, s)
+                    self.compute(f"B{i} mb{m}", c.block_bwd, i, s, writes_grad=(m == 0))
+                send(i)
+                self.finish_block(i, s, last_grad[i], c.block_reduce, c.block_opt, deferred)
+            for m in range(M):
+                emb_bwd = self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
+        g = self.eng.add("d2h", "g embedding/head", c.nonblock_d2h, self._serial([emb_bwd]), None, s)
+        self.last_dev = g
+        if c.nonblock_accum:
+            g = self.eng.add("optimizer", "accum embedding/head", c.nonblock_accum, [g], None, s)
+        self.finish_block("embed", s, g, c.nonblock_reduce, c.nonblock_opt, deferred)
+        for block, after, opt_s in deferred:  # CPU: the optimizer runs after the backward, block by block
+            self.opt_done[block] = self.eng.add("optimizer", f"adam {block}", opt_s, [after],
+                                                None if block == "embed" else block, s)  # fmt: skip
+
+    def _resident_step(self, s: int) -> None:
+        """backend=resident for comparison: weights stay on the device, no copies, AdamW after the backward
+        (on the device for a GPU, on the cores for a CPU), next step after the update; recompute = activation
+        checkpointing."""
+        run, c, L = self.run, self.c, self.shape.n_layer
+        prev = self.opt_done.get("all")
+        reduces = []
+        for m in range(run.micro_batches):
+            self.compute(f"embed fwd mb{m}", c.embed_fwd, None, s, [prev])
+            for i in range(L):
+                self.compute(f"F{i} mb{m}", c.block_fwd, None, s)
+            self.compute(f"head mb{m}", c.head, None, s)
+            for i in reversed(range(L)):
+                if run.recompute:  # activation checkpointing
+                    self.compute(f"R{i} mb{m}", c.block_fwd, None, s)
+                b = self.compute(f"B{i} mb{m}", c.block_bwd, None, s)
+                if run.replicas > 1 and m == run.micro_batches - 1:
+                    reduces.append(self.eng.add("reduce", f"reduce {i}", c.block_reduce, [b], i, s))
+            e = self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
+        if run.replicas > 1:
+            reduces.append(self.eng.add("reduce", "reduce embed", c.nonblock_reduce, [e], None, s))
+        lane = "optimizer" if self.prof.device.shares_host_memory else "compute"
+        self.opt_done["all"] = self.eng.add(lane, "adam (all)", c.resident_opt, [e, *reduces], None, s)
+        self.last_dev = self.opt_done["all"]
+
+
+@dataclass
+class Prediction:
+    shape: ModelShape
+    profile: ClusterProfile
+    run: RunDefaults
+    seq: int
+    step_s: float
+    tokens_per_step: int
+    tokens_s: float
+    mfu: float
+    busy_s: dict[str, float]  # per lane, within the measured step
+    bottleneck: str
+    memory: dict[str, float]
+    fits: bool
+    fit_note: str
+    events: list[dict]  # the measured step, start at 0 (trace contract)
+    costs: Costs
+
+    @property
+    def exposed_s(self) -> float:
+        """Step time not covered by compute (copies, optimizer, reduce waited for)."""
+        return self.step_s - self.busy_s.get("compute", 0.0)
+
+
+def simulate(shape: ModelShape, prof: ClusterProfile, run: RunDefaults | None = None, steps: int = 3,
+             strict: bool = False) -> Prediction:  # fmt: skip
+    """Simulate `steps` training steps of the streaming executor; the last one is the steady state reported.
+
+    strict=True raises ValueError when the model does not fit (otherwise it is flagged in the result)."""
+    run = run or prof.run
+    run.validate(f"cluster {prof.name} run")
+    if run.replicas > prof.network.devices:
+        raise ValueError(f"replicas={run.replicas} exceeds the {prof.network.devices} devices of cluster {prof.name}")
+    seq = run.seq or shape.max_seq_len
+    mem = memory(shape, prof, run)
+    fits, note = check_fit(mem, prof)
+    if strict and not fits:
+        raise ValueError(f"model {shape.name} does not fit on cluster {prof.name}: {note}")
+    c = compute_costs(shape, prof, run)
+    shared = None
+    lk = prof.link
+    if lk.duplex_gbps < lk.h2d_gbps + lk.d2h_gbps:
+        shared = ("h2d", "d2h", lk.duplex_gbps / (lk.h2d_gbps + lk.d2h_gbps))
+    eng = Engine(serial=not (lk.overlap and prof.host.overlap), shared=shared)
+    if not lk.overlap and prof.host.overlap or lk.overlap and not prof.host.overlap:
+        raise ValueError(f"cluster {prof.name}: link.overlap and host.overlap must agree (both true: GPU/CS-2; "
+                         "both false: CPU, everything on the same cores)")  # fmt: skip
+    b = _Builder(eng, c, run, prof, shape)
+    for s in range(steps):
+        b.step(s)
+    tasks = eng.run()
+    ends = [max(t.end_s for t in tasks if t.step == s) for s in range(steps)]
+    last = steps - 1
+    t0 = ends[last - 1] if steps > 1 else 0.0
+    step_s = ends[last] - t0
+    busy = dict.fromkeys(LANES, 0.0)
+    for t in tasks:
+        if t.step == last:
+            busy[t.lane] = busy.get(t.lane, 0.0) + (t.end_s - t.start_s)
+    busy = {k: v for k, v in busy.items() if v > 0 or k == "compute"}
+    tokens = run.batch * seq * run.micro_batches * run.replicas
+    tokens_s = tokens / step_s
+    mfu = tokens_s * shape.flops_per_token(seq) / (run.replicas * prof.device.peak_tflops * 1e12)
+    return Prediction(
+        shape=shape, profile=prof, run=run, seq=seq, step_s=step_s, tokens_per_step=tokens, tokens_s=tokens_s,
+        mfu=mfu, busy_s=busy, bottleneck=max(busy, key=busy.get), memory=mem, fits=fits, fit_note=note,
+        events=events_of(tasks, last, min([t0] + [t.start_s for t in tasks if t.step == last])), costs=c,
+    )  # fmt: skip
+
+
+def events_of(tasks: list[Task], step: int, t0: float) -> list[dict]:
+    """The trace contract shared with the executor: {lane, name, start_s, dur_s, block, step}."""
+    return [
+        {"lane": t.lane, "name": t.name, "start_s": t.start_s - t0, "dur_s": t.end_s - t.start_s,
+         "block": t.block, "step": t.step}
+        for t in tasks if t.step == step
+    ]  # fmt: skip
+
+
+def with_run(prof: ClusterProfile, **changes) -> RunDefaults:
+    return replace(prof.run, **changes)
