@@ -641,7 +641,22 @@ class Trainer:
         finally:
             bar.close()
             self.checkpointer.wait()
+            self._write_streaming_trace()
         return last
+
+    def _write_streaming_trace(self) -> None:
+        """backend.streaming.trace: the last step's measured timeline, as the simulator writes its predictions
+        (<run>/streaming_trace.json for chrome://tracing or ui.perfetto.dev, and a PNG)."""
+        events = getattr(self.engine, "last_trace", None)
+        if not (self.writer and events and self.cfg.backend.streaming.trace):
+            return
+        from streaming.executor import overlap_report
+        from streaming.sim.trace import plot_timeline, write_chrome_trace
+
+        write_chrome_trace(events, self.run_dir / "streaming_trace.json", process_name=f"crystal step {self.step}")
+        plot_timeline(events, self.run_dir / "plots" / "streaming_trace.png", title=f"measured step {self.step}")
+        report = {k: round(v, 4) for k, v in overlap_report(events).items()}
+        self.metrics.log("event", event="streaming_trace", step=self.step, **report)
 
     def _evaluate_and_log(self, checkpoint: bool) -> dict[str, float]:
         ev = self.evaluate()

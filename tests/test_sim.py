@@ -103,11 +103,19 @@ def test_bandwidth_bound_step_is_the_weight_traffic():
     prof = toy(device={"matmul_tflops": [[1.0, 1e6]], "attention_fwd_tflops": 1e6, "attention_bwd_tflops": 1e6,
                        "memory_gbps": 1e9}, host={"optimizer_mparams_per_s": 1e9})  # fmt: skip
     p = simulate(SHAPE, prof)
-    # every block streamed twice (forward, backward) in bf16 plus the embedding once, at 10 GB/s
-    h2d = (2 * SHAPE.n_layer * SHAPE.block_params + SHAPE.nonblock_params) * 2 / 10e9
+    # every block streamed twice per micro-batch (forward, backward) in bf16, less the two blocks still in
+    # the device's buffers at each turn (L-1 and L-2 forward -> backward, 1 and 0 backward -> the next
+    # micro-batch's forward), plus the embedding once, at 10 GB/s (the executor counts the same loads)
+    L, M = SHAPE.n_layer, prof.run.micro_batches
+    loads = (2 * L - 2) + (M - 1) * (2 * L - 4)
+    h2d = (loads * SHAPE.block_params + SHAPE.nonblock_params) * 2 / 10e9
     assert p.bottleneck == "h2d" and p.busy_s["h2d"] == pytest.approx(h2d)
-    tail = p.costs.block_d2h + p.costs.nonblock_d2h  # the last gradients leave after the last copy in
-    assert h2d <= p.step_s <= h2d + tail + 1e-6
+    # with compute free, the forward is its L copies in, and the backward is its gradients going out
+    # (the backward's copies in run beside them); the update needs every gradient, so nothing of the next
+    # step overlaps this one's last copies out
+    c = p.costs
+    forward, backward = c.nonblock_h2d + L * c.block_h2d, L * c.block_d2h + c.nonblock_d2h
+    assert p.step_s == pytest.approx(forward + backward, rel=1e-3)
 
 
 def test_no_overlap_on_cpu_is_the_sum_of_every_task():
@@ -128,7 +136,7 @@ def test_prefetch_1_beats_prefetch_0_when_copies_match_compute():
     assert c.block_h2d == pytest.approx(c.block_fwd)  # copies comparable to compute
     serial = simulate(SHAPE, prof, replace(prof.run, prefetch=0)).step_s
     double = simulate(SHAPE, prof, replace(prof.run, prefetch=1)).step_s
-    assert double < 0.8 * serial
+    assert double < 0.9 * serial  # 4 blocks: the step-boundary copies (embedding, block 0) stay exposed
     # on the real H100 profile too (7B, 8 x 2048 tokens): double buffering hides the copies
     h100, cc = load_profile("h100"), load_shape("crystalcoder_7b")
     steps = [simulate(cc, h100, replace(h100.run, prefetch=k)).step_s for k in (0, 1)]
@@ -139,7 +147,10 @@ def test_schedules_micro_batches_and_replicas_change_the_answer():
     prof = toy(link={"h2d_gbps": 1.0, "d2h_gbps": 1.0, "duplex_gbps": 2.0})
     bm = simulate(SHAPE, prof, replace(prof.run, micro_batches=4, schedule="batch_major"))
     lm = simulate(SHAPE, prof, replace(prof.run, micro_batches=4, schedule="layer_major"))
-    assert lm.busy_s["h2d"] == pytest.approx(bm.busy_s["h2d"] / 4, rel=0.05)  # a layer streamed once per step
+    # batch-major copies (2L-2) + (M-1)(2L-4) blocks, layer-major 2L-2 (the executor counts the same)
+    L, M, c = SHAPE.n_layer, 4, bm.costs
+    assert bm.busy_s["h2d"] == pytest.approx(((2 * L - 2) + (M - 1) * (2 * L - 4)) * c.block_h2d + c.nonblock_h2d)
+    assert lm.busy_s["h2d"] == pytest.approx((2 * L - 2) * c.block_h2d + c.nonblock_h2d)
     assert lm.step_s < bm.step_s
     assert lm.memory["device: block inputs kept"] == 4 * bm.memory["device: block inputs kept"]
     one = simulate(SHAPE, prof, replace(prof.run, replicas=1))

@@ -161,6 +161,14 @@ def test_checkpoints_interchange_between_backends_through_the_trainer(fast_confi
     assert_states_equal(ca.tensors, cb.tensors)
 
 
+def test_trainer_writes_the_measured_trace(fast_config):
+    t = run_trainer(fast_config(*SMALL, "train.steps=2", "backend=streaming", "backend.streaming.trace=true"))
+    trace = json.loads((t.run_dir / "streaming_trace.json").read_text())
+    lanes = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert {"compute", "h2d", "optimizer"} <= lanes
+    assert (t.run_dir / "plots" / "streaming_trace.png").stat().st_size > 0
+
+
 def test_trace_from_real_timings(fast_config, tmp_path):
     engine = make_engine("streaming", 4, trace=True)
     engine.train_step(batches(0, 2), 1e-3)
@@ -297,3 +305,23 @@ def test_gpu_device_memory_is_flat_in_depth():
         peaks[layers] = torch.cuda.max_memory_allocated()
     # only the kept block inputs grow with depth: a few KB per layer at these shapes
     assert peaks[8] < peaks[2] * 1.5
+
+
+@pytest.mark.parametrize("schedule", ["batch_major", "layer_major"])
+def test_the_simulator_schedules_the_copies_the_executor_makes(schedule):
+    """streaming.sim models this executor: per step it must copy exactly the blocks the executor copies."""
+    from dataclasses import replace
+
+    from streaming.sim.profile import load_profile
+    from streaming.sim.shapes import load_shape
+    from streaming.sim.timing import simulate
+
+    layers, micro = 6, 3
+    engine = make_engine("streaming", layers, schedule=schedule)
+    before = engine.stats()["block_loads"]
+    engine.train_step(batches(0, micro), 1e-3)
+    copies = engine.stats()["block_loads"] - before
+    cpu = load_profile("cpu")
+    run = replace(cpu.run, schedule=schedule, micro_batches=micro, batch=2, seq=SEQ)
+    predicted = simulate(load_shape("tiny", {"n_layer": layers}), cpu, run)
+    assert copies == sum(e["lane"] == "h2d" and e["block"] is not None for e in predicted.events)

@@ -192,64 +192,81 @@ def check_fit(mem: dict[str, float], prof: ClusterProfile) -> tuple[bool, str]:
 
 
 @dataclass
-class _Load:
+class _Slot:
+    """One of the device's two block buffers: which block it holds (for which step's weights), the copy that
+    filled it and the last compute that read it (a new copy into it must wait for that)."""
+
+    block: int
+    step: int
     h2d: int
     last_user: int | None = None
-    grad_out: int | None = None
 
 
 @dataclass
 class _Builder:
+    """Adds one step's tasks in the executor's program order (streaming/executor.py):
+
+    - a block already in a slot is not copied again (the forward -> backward turn, and block 0 from one
+      micro-batch's backward to the next one's forward); every update invalidates the slots;
+    - with prefetch 1 the next block is copied into the other slot while this one computes;
+    - each block's gradient goes D2H through two pinned staging buffers (a copy waits until the host has
+      consumed the one before the last), then is accumulated on the host; its norms are taken once final;
+    - the update needs the global norm, so it starts only after the step's last gradient has landed:
+      embedding/head first, then blocks 0..L-1, each on the host optimizer lane; the next step's copy of a
+      block waits for that block's update (overlapping the next forward on a GPU; on a CPU all is serial).
+    """
+
     eng: Engine
     c: Costs
     run: RunDefaults
     prof: ClusterProfile
     shape: ModelShape
-    loads: list[_Load] = field(default_factory=list)
+    slots: list = field(default_factory=lambda: [None, None])
+    cur: int = 1
+    sends: list = field(default_factory=list)  # host-side landing of each gradient copy, in order
     last_dev: int | None = None  # prefetch 0: every device-side task waits for the previous one
-    opt_done: dict = field(default_factory=dict)  # block (or "embed") -> optimizer task of the previous step
+    opt_done: dict = field(default_factory=dict)  # block (or "embed") -> its update in the previous step
 
     def _serial(self, deps: list) -> list:
         return deps + [self.last_dev] if self.run.prefetch == 0 else deps
 
-    def load(self, block: int, step: int) -> int:
-        deps = [self.opt_done.get(block)]
-        if self.run.prefetch == 1 and len(self.loads) >= 2:
-            deps.append(self.loads[-2].last_user)  # its buffer is free once the block two loads ago is done
+    def load(self, block: int, step: int) -> None:
+        for k, slot in enumerate(self.slots):
+            if slot is not None and slot.block == block and slot.step == step:
+                self.cur = k  # still on the device: no copy
+                return
+        k = 1 - self.cur
+        old = self.slots[k]
+        deps = [self.opt_done.get(block), old.last_user if old is not None else None]
         tid = self.eng.add("h2d", f"w{block}", self.c.block_h2d, self._serial(deps), block, step)
-        self.loads.append(_Load(tid))
+        self.slots[k], self.cur = _Slot(block, step, tid), k
         self.last_dev = tid
-        return tid
 
-    def compute(self, name: str, dur: float, block: int | None, step: int, deps=(), writes_grad=False) -> int:
+    def compute(self, name: str, dur: float, block: int | None, step: int, deps=()) -> int:
         deps = list(deps)
-        if block is not None and self.loads:
-            deps.append(self.loads[-1].h2d)
-            if writes_grad and self.run.prefetch == 1 and len(self.loads) >= 3:
-                deps.append(self.loads[-3].grad_out)  # the grad buffer two loads ago has been sent out
+        slot = self.slots[self.cur] if block is not None else None
+        if slot is not None:
+            deps.append(slot.h2d)
         tid = self.eng.add("compute", name, dur, self._serial(deps), block, step)
-        if block is not None and self.loads:
-            self.loads[-1].last_user = tid
+        if slot is not None:
+            slot.last_user = tid
         self.last_dev = tid
         return tid
 
-    def grad_out(self, block: int, step: int, nbytes_time: float) -> int:
-        tid = self.eng.add("d2h", f"g{block}", nbytes_time, self._serial([self.last_dev]), block, step)
-        if self.loads:
-            self.loads[-1].grad_out = tid
-        self.last_dev = tid
-        return tid
+    def send(self, name: str, block: int | None, step: int, d2h_s: float, accum_s: float) -> int:
+        """D2H of one gradient into a staging buffer, then its accumulation on the host."""
+        deps = [self.last_dev, self.sends[-2] if len(self.sends) >= 2 else None]
+        g = self.eng.add("d2h", f"g {name}", d2h_s, self._serial(deps), block, step)
+        self.last_dev = g
+        landed = self.eng.add("optimizer", f"accum {name}", accum_s, [g], block, step) if accum_s else g
+        self.sends.append(landed)
+        return landed
 
-    def finish_block(self, block, step: int, after: int, reduce_s: float, opt_s: float, deferred: list) -> None:
-        """Reduce across replicas then AdamW on the host: now (host overlaps) or after the backward (CPU)."""
+    def final(self, name: str, block: int | None, step: int, after: int, reduce_s: float, norm_s: float) -> int:
+        """A unit's gradient is complete: reduce across replicas (async), then its norms (phase 1)."""
         if self.run.replicas > 1:
-            after = self.eng.add("reduce", f"reduce {block}", reduce_s, [after], None if block == "embed" else block,
-                                 step)  # fmt: skip
-        if self.prof.host.overlap:
-            self.opt_done[block] = self.eng.add("optimizer", f"adam {block}", opt_s, [after],
-                                                None if block == "embed" else block, step)  # fmt: skip
-        else:
-            deferred.append((block, after, opt_s))
+            after = self.eng.add("reduce", f"reduce {name}", reduce_s, [after], block, step)
+        return self.eng.add("optimizer", f"norm {name}", norm_s, [after], block, step) if norm_s else after
 
     def step(self, s: int) -> None:
         run, c, L, M = self.run, self.c, self.shape.n_layer, self.run.micro_batches
@@ -258,13 +275,8 @@ class _Builder:
         emb_in = self.eng.add("h2d", "embedding/head", c.nonblock_h2d, self._serial([self.opt_done.get("embed")]),
                               None, s)  # fmt: skip
         self.last_dev = emb_in
-        deferred: list = []
-        last_grad: dict[int, int] = {}
-
-        def send(i: int) -> None:
-            g = self.grad_out(i, s, c.block_d2h)
-            last_grad[i] = self.eng.add("optimizer", f"accum {i}", c.block_accum, [g], i, s) if c.block_accum else g
-
+        finals: list[int] = []
+        norm_b, norm_n = c.block_accum / 2, c.nonblock_accum / 2  # a read-only pass over the gradient
         if run.schedule == "batch_major":
             for m in range(M):
                 self.compute(f"embed fwd mb{m}", c.embed_fwd, None, s, [emb_in])
@@ -276,11 +288,13 @@ class _Builder:
                     self.load(i, s)
                     if run.recompute:
                         self.compute(f"R{i} mb{m}", c.block_fwd, i, s)
-                    self.compute(f"B{i} mb{m}", c.block_bwd, i, s, writes_grad=True)
-                    send(i)
+                    self.compute(f"B{i} mb{m}", c.block_bwd, i, s)
+                    landed = self.send(str(i), i, s, c.block_d2h, c.block_accum)
                     if m == M - 1:
-                        self.finish_block(i, s, last_grad[i], c.block_reduce, c.block_opt, deferred)
-                emb_bwd = self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
+                        finals.append(self.final(str(i), i, s, landed, c.block_reduce, norm_b))
+                self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
+                landed = self.send("embedding/head", None, s, c.nonblock_d2h, c.nonblock_accum)
+            finals.append(self.final("embedding/head", None, s, landed, c.nonblock_reduce, norm_n))
         else:  # layer_major: a block, once on the device, serves every micro-batch of the step
             for m in range(M):
                 self.compute(f"embed fwd mb{m}", c.embed_fwd, None, s, [emb_in])
@@ -295,19 +309,17 @@ class _Builder:
                 for m in range(M):
                     if run.recompute:
                         self.compute(f"R{i} mb{m}", c.block_fwd, i, s)
-                    self.compute(f"B{i} mb{m}", c.block_bwd, i, s, writes_grad=(m == 0))
-                send(i)
-                self.finish_block(i, s, last_grad[i], c.block_reduce, c.block_opt, deferred)
+                    self.compute(f"B{i} mb{m}", c.block_bwd, i, s)
+                landed = self.send(str(i), i, s, c.block_d2h, c.block_accum)  # one transfer per layer per step
+                finals.append(self.final(str(i), i, s, landed, c.block_reduce, norm_b))
             for m in range(M):
-                emb_bwd = self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
-        g = self.eng.add("d2h", "g embedding/head", c.nonblock_d2h, self._serial([emb_bwd]), None, s)
-        self.last_dev = g
-        if c.nonblock_accum:
-            g = self.eng.add("optimizer", "accum embedding/head", c.nonblock_accum, [g], None, s)
-        self.finish_block("embed", s, g, c.nonblock_reduce, c.nonblock_opt, deferred)
-        for block, after, opt_s in deferred:  # CPU: the optimizer runs after the backward, block by block
-            self.opt_done[block] = self.eng.add("optimizer", f"adam {block}", opt_s, [after],
-                                                None if block == "embed" else block, s)  # fmt: skip
+                self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
+            landed = self.send("embedding/head", None, s, c.nonblock_d2h, c.nonblock_accum)
+            finals.append(self.final("embedding/head", None, s, landed, c.nonblock_reduce, norm_n))
+        # phase 2: one clip factor from every norm, then the updates in the order the next forward needs them
+        self.opt_done["embed"] = self.eng.add("optimizer", "adam embedding/head", c.nonblock_opt, finals, None, s)
+        for i in range(L):
+            self.opt_done[i] = self.eng.add("optimizer", f"adam {i}", c.block_opt, [self.opt_done["embed"]], i, s)
 
     def _resident_step(self, s: int) -> None:
         """backend=resident for comparison: weights stay on the device, no copies, AdamW after the backward
