@@ -29,6 +29,10 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SCHEDULES = ("batch_major", "layer_major", "resident")
 
 
+SOFTMAX_SMALL_BYTES = 1024 * 4096 * 4  # the logits calibrate.py measures softmax_gbps on
+SOFTMAX_BIG_BYTES = 1024 * 32032 * 4  # ... and softmax_big_gbps on
+
+
 @dataclass
 class DeviceProfile:
     name: str
@@ -42,10 +46,22 @@ class DeviceProfile:
     # read+write bytes/s of the cross entropy over fp32 logits (exp-heavy, slower than plain elementwise
     # on a CPU); 0 = memory_gbps
     softmax_gbps: float = 0.0
+    # the same over logits far beyond the caches (calibrate: (1024, 32032), 131 MB; CPU: ~2x slower than
+    # (1024, 4096)); log-interpolated in logits bytes between the two sizes; 0 = softmax_gbps at every size
+    softmax_big_gbps: float = 0.0
     compute_dtype: str = "bf16"  # activations and streamed compute
     op_overhead_us: float = 0.0  # fixed cost per op launch / dispatch
     shares_host_memory: bool = False  # the device memory is the host's (CPU): fit checks add both tiers
     internals_batch: int = 0  # sequences whose block internals live at once; 0 = the whole micro-batch
+
+    def softmax_rate(self, logits_bytes: float) -> float:
+        """Achieved read+write bytes/s of the cross entropy over `logits_bytes` of fp32 logits."""
+        small = (self.softmax_gbps or self.memory_gbps) * 1e9
+        if not self.softmax_big_gbps:
+            return small
+        lo, hi = math.log(SOFTMAX_SMALL_BYTES), math.log(SOFTMAX_BIG_BYTES)
+        w = min(1.0, max(0.0, (math.log(max(logits_bytes, 1.0)) - lo) / (hi - lo)))
+        return small * (1 - w) + self.softmax_big_gbps * 1e9 * w
 
     def matmul_rate(self, flops: float) -> float:
         """Achieved FLOP/s for one matmul of `flops` FLOPs."""
@@ -145,6 +161,7 @@ class ClusterProfile:
                 raise ValueError(f"{where}: {key}={value} must be > 0")
         nonneg = {
             "device.op_overhead_us": d.op_overhead_us, "device.softmax_gbps": d.softmax_gbps,
+            "device.softmax_big_gbps": d.softmax_big_gbps,
             "device.internals_batch": d.internals_batch,
             "link.latency_us": lk.latency_us, "host.accumulate_gbps": h.accumulate_gbps,
             "network.intra_node_gbps": n.intra_node_gbps, "network.inter_node_gbps": n.inter_node_gbps,

@@ -102,7 +102,7 @@ def block_times(shape: ModelShape, dev: DeviceProfile, batch: int, seq: int, tp:
     elem_f = t * elem * ab / mem
     elem_b = t * (2 * elem + ((5 * d + 2 * f / tp) if shape.bias else 0)) * ab / mem
     emb = t * 2 * d * ab / mem
-    sm = (dev.softmax_gbps or dev.memory_gbps) * 1e9
+    sm = dev.softmax_rate(t * (v // tp) * 4)
     vt = v // tp
     return BlockTimes(
         fwd=lin_f + attn_f / (dev.attention_fwd_tflops * 1e12) + elem_f + FWD_OPS * ovh,
