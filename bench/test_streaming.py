@@ -128,7 +128,9 @@ def test_cpu_small_streaming_vs_resident():
     cpu = torch.device("cpu")
     cfg = ModelConfig.from_name("small")
     variants = {"resident": {}, "streaming_batch_major": {"schedule": "batch_major"},
-                "streaming_layer_major": {"schedule": "layer_major"}}  # fmt: skip
+                "streaming_layer_major": {"schedule": "layer_major"},
+                "streaming_batch_major_keep": {"schedule": "batch_major", "recompute": False},
+                "streaming_layer_major_keep": {"schedule": "layer_major", "recompute": False}}  # fmt: skip
     rates = compare(cfg, cpu, None, rows=4, seq=256, n_mb=2, steps=3, variants=variants)
     assert all(r > 0 for r in rates.values())
 
@@ -198,6 +200,7 @@ def test_gpu_8_layer_streamed_vs_resident():
         "streaming_batch_major": {"schedule": "batch_major", "trace": True},
         "streaming_layer_major": {"schedule": "layer_major", "trace": True},
         "streaming_no_prefetch": {"schedule": "batch_major", "prefetch": 0},
+        "streaming_batch_major_keep": {"schedule": "batch_major", "recompute": False, "trace": True},
     }
     compare(cfg, torch.device("cuda"), torch.bfloat16, rows=2, seq=2048, n_mb=4, steps=3, variants=variants)
 

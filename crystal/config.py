@@ -429,7 +429,9 @@ class StreamingConfig:
     # the cost of keeping every micro-batch's block inputs at once.
     schedule: str = "batch_major"
     prefetch: int = 1  # 0: copy a block, then compute it; 1: copy block i+1 while block i computes
-    recompute: bool = True  # block internals recomputed in backward (only block inputs kept)
+    # true: only block inputs kept, internals recomputed in backward (activation memory flat in depth, one more
+    # block forward); false: every block's internals kept as resident training keeps them, weights still streamed
+    recompute: bool = True
     stream_dtype: str = "auto"  # weights sent to the device: auto (bf16 under bf16 autocast, else fp32) | fp32 | bf16
     grad_dtype: str = "fp32"  # gradients sent back: fp32 | bf16
     pin_memory: bool = True  # page-locked host store when CUDA is present (falls back to pageable with a warning)

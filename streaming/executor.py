@@ -22,6 +22,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,16 @@ from streaming.backends.base import StreamableModel
 from streaming.store import HostStore, Layout, Unit
 
 MAX_SLOTS = 2  # device block buffers, whatever the depth: the point of weight streaming
+
+
+@dataclass(frozen=True)
+class _WeightRef:
+    """A weight an autograd graph saved, by block and place in the slot's flat buffer instead of by tensor."""
+
+    block: int
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 class Tracer:
@@ -212,12 +223,13 @@ class Executor:
         compute_dtype: torch.dtype = torch.float32,
         grad_dtype: torch.dtype = torch.float32,
         autocast_dtype: torch.dtype | None = None,
+        recompute: bool = True,
         trace: bool = False,
     ) -> None:
         if schedule not in ("batch_major", "layer_major"):
             raise ValueError(f"schedule={schedule!r}: use batch_major or layer_major")
         self.adapter, self.store, self.device, self.schedule = adapter, store, device, schedule
-        self.grad_dtype, self.autocast_dtype = grad_dtype, autocast_dtype
+        self.grad_dtype, self.autocast_dtype, self.recompute = grad_dtype, autocast_dtype, recompute
         cuda = device.type == "cuda"
         self.compute_stream = torch.cuda.current_stream(device) if cuda else None
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
@@ -286,26 +298,52 @@ class Executor:
             return total / n, tokens
         return self._layer_major(mbs, on_grad), tokens
 
-    def _blocks_forward(
-        self, h: torch.Tensor, args: tuple, order: list[int], inputs: list[torch.Tensor]
-    ) -> torch.Tensor:
-        with torch.no_grad(), self._autocast():
-            for k in range(len(order)):
-                slot, block = self._acquire(*self._visit(order, k))
-                inputs.append(h)
-                with self.tracer.span("compute", f"fwd {order[k]}", order[k], self.compute_stream):
-                    h = block(h, *args)
-                self.slots.release(slot)
+    def _blocks_forward(self, h: torch.Tensor, args: tuple, order: list[int], inputs: list[Any]) -> torch.Tensor:
+        for k in range(len(order)):
+            slot, block = self._acquire(*self._visit(order, k))
+            h, saved = self._block_forward(block, h, args, order[k])
+            inputs.append(saved)
+            self.slots.release(slot)
         return h
 
-    def _block_backward(self, block: nn.Module, x: torch.Tensor, args: tuple, grad_out: torch.Tensor, index: int
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-        """Recompute one block from its saved input and differentiate it: (grad of input, param grads)."""
-        x = x.detach().requires_grad_(True)
-        params = list(block.parameters())
-        with self.tracer.span("compute", f"bwd {index}", index, self.compute_stream):
-            with torch.enable_grad(), self._autocast():
+    def _block_forward(self, block: nn.Module, h: torch.Tensor, args: tuple, index: int) -> tuple[torch.Tensor, Any]:
+        """(block output, what backward needs): with recompute, the input alone; without, the block's autograd
+        graph, whose saved weights are references into the slot (resolved to whichever slot holds the block
+        when its backward runs) so the graph does not pin a third buffer."""
+        with self.tracer.span("compute", f"fwd {index}", index, self.compute_stream), self._autocast():
+            if self.recompute:
+                with torch.no_grad():
+                    return block(h, *args), h
+            x = h.detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 y = block(x, *args)
+            return y.detach(), (x, y, list(block.parameters()))
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        storage = t.untyped_storage().data_ptr()
+        for k, flat in enumerate(self.slots.flats):
+            if storage == flat.untyped_storage().data_ptr():
+                return _WeightRef(self.slots.holds[k], t.storage_offset(), tuple(t.shape), t.stride())
+        return t
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if isinstance(saved, _WeightRef):
+            flat = self.slots.flats[self.slots.holds.index(saved.block)]
+            return flat.as_strided(saved.shape, saved.stride, saved.offset)
+        return saved
+
+    def _block_backward(self, block: nn.Module, saved: Any, args: tuple, grad_out: torch.Tensor, index: int
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """Differentiate one block (recomputed from its input, or from its kept graph): (grad of input,
+        param grads)."""
+        with self.tracer.span("compute", f"bwd {index}", index, self.compute_stream):
+            if isinstance(saved, torch.Tensor):
+                x = saved.detach().requires_grad_(True)
+                params = list(block.parameters())
+                with torch.enable_grad(), self._autocast():
+                    y = block(x, *args)
+            else:  # the forward ran on whichever slot held the block then: those are the graph's leaves
+                x, y, params = saved
             grads = torch.autograd.grad(y, [x, *params], grad_out)
         return grads[0], list(grads[1:])
 
@@ -337,7 +375,7 @@ class Executor:
         forward, backward = list(range(depth)), list(reversed(range(depth)))
         with torch.enable_grad(), self._autocast():
             embedded = self.adapter.embed(mb)  # (B, S, C), the graph back to the embedding is kept
-        inputs: list[torch.Tensor] = []
+        inputs: list[Any] = []
         h = self._blocks_forward(embedded.detach(), args, forward, inputs)
         loss, grad, head_grads = self._head(h, mb, n)
         for k in range(depth):
@@ -355,16 +393,14 @@ class Executor:
         args = [self.adapter.block_args(mb) for mb in mbs]
         with torch.enable_grad(), self._autocast():
             embedded = [self.adapter.embed(mb) for mb in mbs]
-        inputs: list[list[torch.Tensor]] = [[] for _ in range(depth)]  # [layer][micro-batch] (B, S, C)
+        inputs: list[list[Any]] = [[] for _ in range(depth)]  # [layer][micro-batch]: (B, S, C) input or graph
         hs = [e.detach() for e in embedded]
-        with torch.no_grad():
-            for i in range(depth):
-                slot, block = self._acquire(*self._visit(list(range(depth)), i))
-                for j in range(n):
-                    inputs[i].append(hs[j])
-                    with self.tracer.span("compute", f"fwd {i}", i, self.compute_stream), self._autocast():
-                        hs[j] = block(hs[j], *args[j])
-                self.slots.release(slot)
+        for i in range(depth):
+            slot, block = self._acquire(*self._visit(list(range(depth)), i))
+            for j in range(n):
+                hs[j], saved = self._block_forward(block, hs[j], args[j], i)
+                inputs[i].append(saved)
+            self.slots.release(slot)
         total = torch.zeros((), device=self.device)
         grads, head_grads = [], []
         for j in range(n):

@@ -65,11 +65,13 @@ def assert_states_equal(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "layers,schedule,prefetch", [(2, "batch_major", 1), (4, "layer_major", 1), (8, "batch_major", 0)]
-)
-def test_streamed_steps_equal_resident_steps_bit_for_bit(layers, schedule, prefetch):
+    "layers,schedule,prefetch,recompute",
+    [(2, "batch_major", 1, True), (4, "layer_major", 1, True), (8, "batch_major", 0, True),
+     (4, "batch_major", 1, False), (4, "layer_major", 0, False)],
+)  # fmt: skip
+def test_streamed_steps_equal_resident_steps_bit_for_bit(layers, schedule, prefetch, recompute):
     resident = make_engine("resident", layers)
-    streamed = make_engine("streaming", layers, schedule=schedule, prefetch=prefetch)
+    streamed = make_engine("streaming", layers, schedule=schedule, prefetch=prefetch, recompute=recompute)
     for step in range(3):
         mbs = batches(step, 3)  # gradient accumulation over 3 micro-batches
         a, b = resident.train_step(mbs, 1e-3), streamed.train_step(mbs, 1e-3)

@@ -45,11 +45,6 @@ class StreamingEngine:
         swarm: Swarm | None = None,
         check_memory: bool = True,
     ) -> None:
-        if not recompute:
-            raise ValueError(
-                "backend.streaming.recompute=false is not supported: the device keeps only block inputs and "
-                "recomputes block internals (two weight buffers cannot back a saved autograd graph)"
-            )
         self.adapter, self.device, self.swarm = adapter, device, swarm
         cuda = device.type == "cuda"
         weights_dtype = resolve_stream_dtype(stream_dtype, device, autocast_dtype)
@@ -64,7 +59,7 @@ class StreamingEngine:
         self.optimizer = HostAdamW(self.store, groups, settings)
         self.executor = Executor(
             adapter, self.store, device, schedule=schedule, prefetch=prefetch, compute_dtype=weights_dtype,
-            grad_dtype=self.grad_dtype, autocast_dtype=autocast_dtype, trace=trace,
+            grad_dtype=self.grad_dtype, autocast_dtype=autocast_dtype, recompute=recompute, trace=trace,
         )  # fmt: skip
         self.overlap = overlap_optimizer == "on" or (overlap_optimizer == "auto" and cuda)
         self.worker = HostWorker(threaded=cuda)
