@@ -146,6 +146,8 @@ def linear_cross_entropy(
     Materialises (N, V) logits; the fused kernel exists to avoid exactly that. A batch whose targets
     are all ignored gives 0, not 0/0.
     """
-    logits = F.linear(x, weight).float() * logits_scale
+    # Scaling the (N, C) input instead of the (N, V) logits is the same product with V/C times fewer
+    # multiplies, forward and backward (the tiny model's head: 16x).
+    logits = F.linear(x * logits_scale, weight).float()
     total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     return total / (targets != ignore_index).sum().clamp(min=1)
