@@ -25,6 +25,7 @@ from streaming.backends.base import AdamWSettings
 from streaming.backends.resident import ResidentEngine
 from streaming.backends.streaming import StreamingEngine
 from streaming.executor import overlap_report
+from streaming.store import HostMemoryError
 
 SETTINGS = AdamWSettings((0.9, 0.95), 1e-9, 1.0)
 
@@ -215,12 +216,27 @@ def test_gpu_7b_streamed_depths():
         torch.cuda.reset_peak_memory_stats(device)
         variants = {"streaming_layer_major": {"schedule": "layer_major"}}
         steps = 1 if layers < 32 else 2  # peak memory needs one step; throughput is taken at full depth
-        rates = compare(cfg, device, torch.bfloat16, rows=2, seq=2048, n_mb=4, steps=steps, variants=variants,
-                        file="streaming_7b")  # fmt: skip
+        try:
+            rates = compare(cfg, device, torch.bfloat16, rows=2, seq=2048, n_mb=4, steps=steps, variants=variants,
+                            file="streaming_7b")  # fmt: skip
+        except HostMemoryError as e:  # a host too small for this depth: say so in the CSV, go on
+            record(
+                "streaming_7b",
+                op="refused_host_memory",
+                shape=f"L{layers}",
+                dtype="bf16",
+                impl="streaming_layer_major",
+                ms=0.0,
+                unit=str(e)[:120].replace(",", ";"),
+                device=device,
+            )
+            continue
         peaks[layers] = torch.cuda.max_memory_allocated(device)
         mfu = rates["streaming_layer_major"] * cfg.flops_per_token(2048) / 989e12  # H100 dense bf16 datasheet
         record("streaming_7b", op="mfu_vs_h100_datasheet", shape=f"L{layers}", dtype="bf16",
                impl="streaming_layer_major", ms=0.0, rate=mfu, unit="fraction", device=device)  # fmt: skip
+    if len(peaks) < 2:
+        pytest.skip(f"the host could hold only depths {sorted(peaks)} of the 7B store")
     spread = (max(peaks.values()) - min(peaks.values())) / min(peaks.values())
     record("streaming_7b", op="device_peak_spread_8_16_32", shape="7B shapes", dtype="bf16",
            impl="streaming_layer_major", ms=0.0, rate=spread, unit="fraction", device=device)  # fmt: skip
