@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from streaming.backends.base import ADAM_STATE_KEYS, check_adam_state_keys
+
 GIB = 1 << 30
 
 
@@ -163,19 +165,17 @@ class HostStore:
             layout = Layout(list(block.named_parameters()), prefix=f"{prefix}{i}.")
             if [s.shape for s in layout.slots] != [s.shape for s in self.block_layout.slots]:
                 raise ValueError(f"block {i} differs from block 0: the executor streams a stack of identical blocks")
-            self.blocks.append(self._adopt(Unit(i, layout, pin, shadow), block))
+            self.blocks.append(self._adopt(Unit(i, layout, pin, shadow), list(block.parameters())))
         rest = [(n, p) for n, p in named.items() if id(p) not in block_ids]
-        self.rest = Unit(None, Layout(rest), pin, None)  # the rest stays on the device: no shadow needed
-        for view, (_, p) in zip(self.rest.params, rest, strict=True):
-            view.copy_(p.detach())
-            p.data = view
+        # the rest stays on the device: no shadow needed
+        self.rest = self._adopt(Unit(None, Layout(rest), pin, None), [p for _, p in rest])
         self.units = [self.rest, *self.blocks]
         self.by_name = {s.full_name: (u, k) for u in self.units for k, s in enumerate(u.layout.slots)}
 
     @staticmethod
-    def _adopt(unit: Unit, module: nn.Module) -> Unit:
+    def _adopt(unit: Unit, params: list[nn.Parameter]) -> Unit:
         with torch.no_grad():
-            for view, (_, p) in zip(unit.params, module.named_parameters(), strict=True):
+            for view, p in zip(unit.params, params, strict=True):
                 view.copy_(p.detach())
                 p.data = view  # the model's host parameters now are the master weights
         unit.refresh_shadow()
@@ -214,13 +214,13 @@ class HostStore:
         for name, (u, k) in self.by_name.items():
             u.params[k].copy_(weights[name])
         optim = state.get("optimizer", {}) if load_optimizer else {}
-        expected = {f"{n}.{key}" for n in self.by_name for key in ("exp_avg", "exp_avg_sq", "step")}
-        if optim and set(optim) != expected:
-            missing, extra = sorted(expected - set(optim)), sorted(set(optim) - expected)
-            raise ValueError(f"optimizer state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-        for name, (u, k) in self.by_name.items():  # no optimizer state: a fresh AdamW (e.g. a new stage)
-            for key, t in (("exp_avg", u.exp_avgs[k]), ("exp_avg_sq", u.exp_avg_sqs[k]), ("step", u.steps[k])):
-                t.copy_(optim[f"{name}.{key}"]) if optim else t.zero_()  # noqa: B018
+        check_adam_state_keys(self.by_name, optim)
+        for name, (u, k) in self.by_name.items():
+            for key, t in zip(ADAM_STATE_KEYS, (u.exp_avgs[k], u.exp_avg_sqs[k], u.steps[k]), strict=True):
+                if optim:
+                    t.copy_(optim[f"{name}.{key}"])
+                else:  # no optimizer state: a fresh AdamW (e.g. a new stage)
+                    t.zero_()
         for u in self.units:
             u.refresh_shadow()
             u.zero_grad()

@@ -7,6 +7,7 @@ state as flat {name: tensor} dicts so checkpoints interchange between engines.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +30,18 @@ class StreamableModel(Protocol):
     def head_loss(self, x: torch.Tensor, batch: Any) -> torch.Tensor: ...  # last block's output -> loss
     def to_device(self, batch: Any, device: torch.device) -> Any: ...
     def num_tokens(self, batch: Any) -> int: ...
+
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")  # per parameter, in checkpoints as <name>.<key>
+
+
+def check_adam_state_keys(param_names: Iterable[str], flat: dict[str, Any]) -> None:
+    """A flat optimizer state ({<param name>.<key>: tensor}) must cover exactly the model's parameters;
+    an empty one (a fresh optimizer) always fits."""
+    expected = {f"{n}.{k}" for n in param_names for k in ADAM_STATE_KEYS}
+    if flat and set(flat) != expected:
+        missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
+        raise ValueError(f"optimizer state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
 
 
 @dataclass

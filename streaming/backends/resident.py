@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-from streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
+from streaming.backends.base import (
+    ADAM_STATE_KEYS,
+    AdamWSettings,
+    ParamGroupSpec,
+    StepResult,
+    StreamableModel,
+    check_adam_state_keys,
+)
 
 
 def flatten_adam_state(
@@ -17,7 +24,7 @@ def flatten_adam_state(
     """torch AdamW state -> {<param name>.exp_avg|.exp_avg_sq|.step: tensor} (independent of param order)."""
     flat = {}
     for p, state in optimizer.state.items():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        for key in ADAM_STATE_KEYS:
             if key in state:
                 v = state[key]
                 flat[f"{names[p]}.{key}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
@@ -27,10 +34,7 @@ def flatten_adam_state(
 def load_adam_state(
     optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter], flat: dict[str, torch.Tensor]
 ) -> None:
-    expected = {f"{n}.{k}" for n in named for k in ("exp_avg", "exp_avg_sq", "step")}
-    if flat and set(flat) != expected:
-        missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
-        raise ValueError(f"optimizer state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    check_adam_state_keys(named, flat)
     optimizer.state.clear()
     for n, p in named.items():
         if f"{n}.step" not in flat:
