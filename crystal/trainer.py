@@ -412,9 +412,8 @@ class Trainer:
         self.metrics.log("checkpoint", step=self.step, tokens=self.tokens, checkpoint=step_dir_name(self.step),
                          ckpt_kind=kind, ends_chunk=ends_chunk)  # fmt: skip
         meta = {**self.state_dict(), "ends_chunk": ends_chunk}
-        state = self.engine.state_dict()
-        if self.writer:
-            self.checkpointer.save(self.run_dir, self.step, state, meta, self.config_yaml,
+        if self.writer:  # replicas hold the same state: only rank 0 snapshots and writes it
+            self.checkpointer.save(self.run_dir, self.step, self.engine.state_dict(), meta, self.config_yaml,
                                    blocking=blocking, kind=kind, extra_files=extra)  # fmt: skip
 
     def _ending_chunk(self) -> int | None:

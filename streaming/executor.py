@@ -156,8 +156,11 @@ class DeviceSlots:
         self.free: list[Any] = [None] * MAX_SLOTS  # CUDA event: the last compute reading the slot is done
         self.current = 1  # the slot computed on last; the other one is loaded next
         self.loads = 0  # block copies made (H2D traffic in blocks)
-        self.max_slots = len(self.modules)
         self.cuda = device.type == "cuda"
+
+    @property
+    def max_slots(self) -> int:
+        return len(self.modules)
 
     @property
     def nbytes(self) -> int:
@@ -221,7 +224,6 @@ class Executor:
         schedule: str = "batch_major",
         prefetch: int = 1,
         compute_dtype: torch.dtype = torch.float32,
-        grad_dtype: torch.dtype = torch.float32,
         autocast_dtype: torch.dtype | None = None,
         recompute: bool = True,
         trace: bool = False,
@@ -229,7 +231,7 @@ class Executor:
         if schedule not in ("batch_major", "layer_major"):
             raise ValueError(f"schedule={schedule!r}: use batch_major or layer_major")
         self.adapter, self.store, self.device, self.schedule = adapter, store, device, schedule
-        self.grad_dtype, self.autocast_dtype, self.recompute = grad_dtype, autocast_dtype, recompute
+        self.autocast_dtype, self.recompute = autocast_dtype, recompute
         cuda = device.type == "cuda"
         self.compute_stream = torch.cuda.current_stream(device) if cuda else None
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
@@ -395,8 +397,9 @@ class Executor:
             embedded = [self.adapter.embed(mb) for mb in mbs]
         inputs: list[list[Any]] = [[] for _ in range(depth)]  # [layer][micro-batch]: (B, S, C) input or graph
         hs = [e.detach() for e in embedded]
-        for i in range(depth):
-            slot, block = self._acquire(*self._visit(list(range(depth)), i))
+        forward = list(range(depth))
+        for i in forward:
+            slot, block = self._acquire(*self._visit(forward, i))
             for j in range(n):
                 hs[j], saved = self._block_forward(block, hs[j], args[j], i)
                 inputs[i].append(saved)

@@ -59,7 +59,7 @@ class StreamingEngine:
         self.optimizer = HostAdamW(self.store, groups, settings)
         self.executor = Executor(
             adapter, self.store, device, schedule=schedule, prefetch=prefetch, compute_dtype=weights_dtype,
-            grad_dtype=self.grad_dtype, autocast_dtype=autocast_dtype, recompute=recompute, trace=trace,
+            autocast_dtype=autocast_dtype, recompute=recompute, trace=trace,
         )  # fmt: skip
         self.overlap = overlap_optimizer == "on" or (overlap_optimizer == "auto" and cuda)
         self.worker = HostWorker(threaded=cuda)
@@ -72,7 +72,15 @@ class StreamingEngine:
         self.staging_next = 0
         self.steps = 0
         self.last_trace: list[dict[str, Any]] = []
-        self.executor.refresh_rest()
+        self.device_stale = True  # the store holds weights the device buffers and embedding copy do not
+
+    def _sync_device(self) -> None:
+        """After the store changed (an update, a load): forget the blocks in the device buffers and copy the
+        embedding/final norm again (the copy waits for their update; blocks wait for theirs as they load)."""
+        if self.device_stale:
+            self.executor.slots.invalidate()
+            self.executor.refresh_rest()
+            self.device_stale = False
 
     # -- host side: gradients land, become final, get reduced; updates run -----------------------------
 
@@ -139,8 +147,7 @@ class StreamingEngine:
 
     def train_step(self, micro_batches: list[Any], lr: float) -> StepResult:
         self.executor.tracer.begin_step(self.steps, self.executor.compute_stream)
-        self.executor.slots.invalidate()  # the last update changed every block
-        self.executor.refresh_rest()
+        self._sync_device()
         self.optimizer.start_step()
         loss, tokens = self.executor.forward_backward(micro_batches, self._on_grad)
         self._finish_gradients()
@@ -157,6 +164,7 @@ class StreamingEngine:
             return StepResult(loss_value, norm_value, True, tokens)
         for unit in self.store.units:  # rest first, then blocks in the order the next forward needs them
             self.updates[id(unit)] = self.worker.submit(lambda u=unit: self._timed_update(u, lr, clip))
+        self.device_stale = True
         if not self.overlap:
             self.flush()
         self.last_trace = self.executor.tracer.end_step()
@@ -169,8 +177,7 @@ class StreamingEngine:
     @torch.no_grad()
     def eval_loss(self, batch: Any) -> float:
         self.flush()
-        self.executor.slots.invalidate()
-        self.executor.refresh_rest()
+        self._sync_device()
         self.adapter.model.eval()
         try:
             return self.executor.forward_loss(batch).item()
@@ -184,8 +191,7 @@ class StreamingEngine:
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], load_optimizer: bool = True) -> None:
         self.flush()
         self.store.load_state_dict(state, load_optimizer)
-        self.executor.slots.invalidate()
-        self.executor.refresh_rest()
+        self.device_stale = True
 
     def stats(self) -> dict[str, Any]:
         """Device-side accounting: block buffers held, copies made, bytes."""
