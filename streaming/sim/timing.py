@@ -161,8 +161,9 @@ def memory(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> dict[st
         out["device: logits"] = t_int * v * 4 * 2
         out["host: (nothing streamed)"] = 0
     else:
-        nbuf = 2 if run.prefetch == 1 else 1
-        out["device: block buffers (weights+grads)"] = nbuf * shape.block_params * (sb + gb)
+        # the executor keeps two block buffers whatever the prefetch depth (prefetch 0 still reuses the block
+        # left in the other buffer at each forward/backward turn)
+        out["device: block buffers (weights+grads)"] = 2 * shape.block_params * (sb + gb)
         out["device: block inputs kept"] = L * in_flight * t * d * ab
         out["device: block internals"] = (1 if run.recompute else L * in_flight) * internals_one
         out["device: embedding/head (weights+grads)"] = shape.nonblock_params * (sb + gb)
