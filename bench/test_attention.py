@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from crystal.kernels import reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.kernel_bench import DEVICE, ON_GPU, grads_fn, measure, require_gpu
-from kernels import reference
 
 # (B, H, S, D, documents per row): CrystalCoder's 16k tokens per step at S 2048 (the target), the same with
 # 4 packed documents (work should scale with sum of squared lengths), head dim 64, long context.
@@ -37,7 +37,7 @@ def _forward_flops(b, h, s, d, docs):
 
 def _attention_fn(impl, doc_ids, scale):
     if impl == "triton":
-        from kernels.attention import attention
+        from crystal.kernels.attention import attention
 
         return lambda q, k, v: attention(q, k, v, scale=scale, doc_ids=doc_ids)
     if impl == "reference":

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from crystal.kernels import reference
 
 from bench.kernel_bench import DEVICE, ON_GPU, compiled, liger, measure, require_gpu
-from kernels import reference
 
 LOGITS_SCALE = 0.13875
 
@@ -21,7 +21,7 @@ IMPLS = ["triton", "reference", "reference_compiled", "liger"]
 
 def _loss_fn(impl, main_shape):
     if impl == "triton":
-        from kernels.cross_entropy import linear_cross_entropy
+        from crystal.kernels.cross_entropy import linear_cross_entropy
 
         return lambda x, w, t: linear_cross_entropy(x, w, t, logits_scale=LOGITS_SCALE)
     if impl == "liger":

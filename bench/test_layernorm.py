@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from crystal.kernels import reference
 
 from bench.kernel_bench import DEVICE, ON_GPU, compiled, grads_fn, liger, measure, require_gpu
-from kernels import reference
 
 # (tokens, C, dtype): CrystalCoder's 16k x 4096 with bf16 activations and with the fp32 residual stream that
 # autocast training feeds it, and the 1b member's width.
@@ -20,7 +20,7 @@ IMPLS = ["triton", "reference", "reference_compiled", "liger"]
 
 def _layernorm(impl, main_shape):
     if impl == "triton":
-        from kernels.layernorm import layernorm
+        from crystal.kernels.layernorm import layernorm
 
         return layernorm
     if impl == "liger":

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from crystal.kernels import reference
 
 from bench.kernel_bench import DEVICE, ON_GPU, compiled, grads_fn, liger, measure, require_gpu
-from kernels import reference
 
 # (B, S, H, D, rotary_dims, interleaved): CrystalCoder (25% GPT-J interleaved), Amber-style full rotate-half,
 # a longer sequence.
@@ -46,7 +46,7 @@ def test_rope(case, impl):
     positions = torch.arange(s, device=DEVICE)
     kwargs = dict(rotary_dims=rotary_dims, theta=10000.0, interleaved=interleaved)
     if impl in ("triton", "triton_inplace"):
-        from kernels.rope import rope
+        from crystal.kernels.rope import rope
 
         fn = lambda q, k: rope(q, k, positions, **kwargs)  # noqa: E731
     elif impl == "reference":

@@ -1,5 +1,5 @@
 """Simulator vs measurement on this CPU (issue 8): the streaming executor's step time, measured through
-crystal's trainer, against streaming.sim's prediction with a cpu profile calibrated on the spot.
+crystal's trainer, against crystal.streaming.sim's prediction with a cpu profile calibrated on the spot.
 
     pytest bench/test_sim_validation.py -s            calibrates (~10 s), then tiny and small models
     CRYSTAL_SIM_PROFILE=conf/cluster/cpu.yaml pytest  use a saved profile instead of calibrating
@@ -38,7 +38,7 @@ CONFIGS = [("tiny", n, b) for n in (2, 4, 8) for b in (4, 8)] + [("small", n, b)
 
 def streaming_available() -> str | None:
     """None when backend=streaming can run here, else why not."""
-    if importlib.util.find_spec("streaming.executor") is None:
+    if importlib.util.find_spec("crystal.streaming.executor") is None:
         return "streaming/executor.py is not in this checkout"
     if not (REPO / "conf" / "backend" / "streaming.yaml").exists():
         return "conf/backend/streaming.yaml is not in this checkout"
@@ -47,8 +47,8 @@ def streaming_available() -> str | None:
 
 @pytest.fixture(scope="module")
 def cpu_profile(tmp_path_factory):
-    from streaming.sim.calibrate import calibrate
-    from streaming.sim.profile import load_profile
+    from crystal.streaming.sim.calibrate import calibrate
+    from crystal.streaming.sim.profile import load_profile
 
     torch.set_num_threads(int(os.environ.get("CRYSTAL_SIM_THREADS", "1")))
     saved = os.environ.get("CRYSTAL_SIM_PROFILE")
@@ -74,8 +74,8 @@ def measure(backend: str, model: str, n_layer: int, batch: int, out_dir: Path):
 
 
 def predict(cfg, profile, schedule_default: str) -> float:
-    from streaming.sim.shapes import shape_from_dict
-    from streaming.sim.timing import simulate
+    from crystal.streaming.sim.shapes import shape_from_dict
+    from crystal.streaming.sim.timing import simulate
 
     shape = shape_from_dict(dataclasses.asdict(cfg.model), cfg.model.name)
     knobs = getattr(cfg.backend, "streaming", None)  # mirror the executor's settings when it has them

@@ -15,17 +15,17 @@ import time
 import numpy as np
 import pytest
 import torch
+from crystal.streaming.backends.base import AdamWSettings
+from crystal.streaming.backends.resident import ResidentEngine
+from crystal.streaming.backends.streaming import StreamingEngine
+from crystal.streaming.executor import overlap_report
+from crystal.streaming.store import HostMemoryError
 
 from bench.conftest import record, requires_cuda
 from crystal.config import ModelConfig
 from crystal.data.loader import Batch
 from crystal.model import build_model
 from crystal.trainer import CrystalAdapter, param_group_specs
-from streaming.backends.base import AdamWSettings
-from streaming.backends.resident import ResidentEngine
-from streaming.backends.streaming import StreamingEngine
-from streaming.executor import overlap_report
-from streaming.store import HostMemoryError
 
 SETTINGS = AdamWSettings((0.9, 0.95), 1e-9, 1.0)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from crystal.kernels import reference
 
 from bench.conftest import record
 from bench.kernel_bench import DEVICE, ON_GPU, compiled, grads_fn, liger, measure, require_gpu, retained_mb
-from kernels import reference
 
 # (tokens, d_model, ffn): CrystalCoder 7B at 16k tokens (FFN 10922), a quarter of the tokens, the 1b member.
 GPU_CASES = [(16384, 4096, 10922), (4096, 4096, 10922), (16384, 2048, 5461)]
@@ -23,7 +23,7 @@ IMPLS = ["triton", "reference", "reference_compiled", "liger"]
 
 def _mlp(impl, main_shape):
     if impl == "triton":
-        from kernels.swiglu import swiglu
+        from crystal.kernels.swiglu import swiglu
 
         return lambda x, p: F.linear(swiglu(x, p[0], p[1], p[2], p[3]), p[4], p[5])
     if impl == "liger":

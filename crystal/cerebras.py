@@ -31,9 +31,8 @@ from crystal.config import Config, ModelConfig, OptimConfig, config_from_dict, c
 from crystal.data.loader import Batch, DataLoader
 from crystal.data.prepare import cache_root, prepare_data
 from crystal.errors import CheckpointError, CrystalError
-from crystal.utils import REPO_ROOT
-from streaming.backends.base import AdamWSettings, ParamGroupSpec
-from streaming.backends.cerebras import (
+from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec
+from crystal.streaming.backends.cerebras import (
     VENV_HINT,
     CerebrasRun,
     CerebrasSettings,
@@ -41,7 +40,8 @@ from streaming.backends.cerebras import (
     LinearSchedule,
     cstorch_available,
 )
-from streaming.backends.cerebras_state import CstorchLayoutError, cstorch_to_flat, flat_to_cstorch
+from crystal.streaming.backends.cerebras_state import CstorchLayoutError, cstorch_to_flat, flat_to_cstorch
+from crystal.utils import REPO_ROOT
 
 LAYOUT = "crystal-cstorch-1"  # the `crystal.format` entry of files this module writes
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -127,7 +127,7 @@ def step_stream(config: dict[str, Any], start_step: int) -> StepStream:
 
 
 class CrystalDataPlan:
-    """streaming.backends.cerebras.CerebrasDataPlan for crystal's Batch and loader."""
+    """crystal.streaming.backends.cerebras.CerebrasDataPlan for crystal's Batch and loader."""
 
     def __init__(self, cfg: Config, adapter) -> None:
         self.cfg, self.adapter = cfg, adapter
@@ -167,7 +167,7 @@ def build_cerebras_engine(
     cfg: Config, adapter, groups: list[ParamGroupSpec], settings: AdamWSettings, amp: torch.dtype | None
 ):
     """What crystal.trainer.build_engine calls for backend.name=cerebras."""
-    from streaming.backends.cerebras import CerebrasEngine
+    from crystal.streaming.backends.cerebras import CerebrasEngine
 
     cs = cerebras_settings(cfg)
     try:

@@ -171,7 +171,7 @@ class TokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    """One named document source; `type` picks the reader in crystal.data.sources (README "Data" lists
+    """One named document source; `type` picks the reader in crystal.data.sources (docs/data.md lists
     which options each reader takes; setting one a reader does not use is an error)."""
 
     type: str = "python_stdlib"
@@ -308,7 +308,7 @@ class TrainConfig:
     run_name: str = "default"
     progress: bool = True
     peak_tflops: float | None = None  # device peak for MFU; None = known GPU table or a CPU matmul probe
-    # Transparency and fault handling (crystal/checkpoint.py, crystal/trainer.py; README "Transparency").
+    # Transparency and fault handling (crystal/checkpoint.py, crystal/trainer.py; docs/transparency.md).
     ckpt_keep_every: int = 0  # extra resume/rollback checkpoints at this shorter interval; 0 = none
     ckpt_keep_last: int = 2  # how many of those extra checkpoints to keep (release ones are never deleted)
     stop_after: int | None = None  # end this process after this step (checkpointed); the schedule still ends at steps
@@ -422,7 +422,7 @@ class CerebrasConfig:
 @dataclass
 class StreamingConfig:
     """backend=streaming: weights and AdamW state in a host store, blocks streamed through two device buffers
-    (streaming/, README "Weight streaming")."""
+    (streaming/, docs/streaming.md)."""
 
     # batch_major: every micro-batch streams all layers (weights cross the link 2 x micro-batches per step);
     # layer_major: a layer, once on the device, serves every micro-batch of the step (as a CS-2 does), at
@@ -503,7 +503,9 @@ def _scaled(value: int, kind: str, *, _root_: Any) -> int:
     return max(1, round(float(value) * float(_root_.scale[kind])))
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+# A checkout (and an editable install) reads conf/ beside crystal/; a wheel carries the same files as crystal/conf.
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_DIR = _CHECKOUT_CONF if (_CHECKOUT_CONF / "config.yaml").exists() else Path(__file__).resolve().parent / "conf"
 _GROUP_OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<group>[A-Za-z_][\w/]*)=(?P<value>\d+)$")
 
 

@@ -57,6 +57,30 @@ class HFError(CrystalError):
     """An export or import that cannot be done as asked; the message says what does not match."""
 
 
+def import_transformers():
+    """`import transformers` with Hugging Face's `kernels` package (which transformers imports) resolved first.
+
+    A checkout keeps this project's kernels/ folder at its root (installed as crystal.kernels). Python run from
+    the checkout root (python -m, python -c) puts that root first on sys.path, where the folder would shadow
+    Hugging Face's top-level `kernels`, and transformers' hub-kernel integration would fail to import. So the
+    checkout root is left off sys.path while transformers binds `kernels`; sys.modules keeps theirs after."""
+    root = Path(__file__).resolve().parent.parent
+    removed = [(i, p) for i, p in enumerate(sys.path) if Path(p or os.getcwd()).resolve() == root]
+    for i, _ in reversed(removed):
+        del sys.path[i]
+    try:
+        import transformers
+
+        try:  # transformers >= 4.5x binds `kernels` here, on first import of any model
+            import transformers.integrations.hub_kernels  # noqa: F401
+        except ImportError:
+            pass
+    finally:
+        for i, p in removed:
+            sys.path.insert(i, p)
+    return transformers
+
+
 # ----------------------------------------------------------------------------------------------
 # Names and config
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crystal.config import ModelConfig
-from kernels import get_ops
+from crystal.kernels import get_ops
 
 
 class Norm(nn.Module):

@@ -48,6 +48,7 @@ from crystal.data.prepare import PreparedData, prepare_data
 from crystal.errors import TrainingError
 from crystal.metrics import MetricsLogger, NullMetrics
 from crystal.model import CrystalCoder, build_model, group_settings, param_group_of
+from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec
 from crystal.utils import (
     autocast_dtype,
     device_name,
@@ -59,7 +60,6 @@ from crystal.utils import (
     set_determinism,
     set_rng_state,
 )
-from streaming.backends.base import AdamWSettings, ParamGroupSpec
 
 
 class CrystalAdapter:
@@ -133,13 +133,13 @@ def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp
     settings = AdamWSettings(tuple(cfg.optim.betas), cfg.optim.eps, cfg.optim.grad_clip)
     name = cfg.backend.name
     if name == "resident":
-        from streaming.backends.resident import ResidentEngine
+        from crystal.streaming.backends.resident import ResidentEngine
 
         return ResidentEngine(adapter, groups, settings, device, amp)
     if name == "streaming":
         from dataclasses import asdict
 
-        from streaming.backends.streaming import StreamingEngine
+        from crystal.streaming.backends.streaming import StreamingEngine
 
         return StreamingEngine(adapter, groups, settings, device, amp, swarm=swarm,
                                **asdict(cfg.backend.streaming))  # fmt: skip
@@ -273,7 +273,7 @@ class Trainer:
         if self.seq_len > cfg.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
         if cfg.backend.name == "streaming":  # refuse before touching disk or allocating
-            from streaming.store import check_host_memory
+            from crystal.streaming.store import check_host_memory
 
             check_host_memory(cfg.model.num_params())
         if self.writer:
@@ -336,7 +336,7 @@ class Trainer:
                 f"train.global_batch / train.micro_batch = {per_step} micro-batches per step cannot be shared by "
                 f"{world} replicas; make it a multiple of {world}"
             )
-        from streaming.swarm import init_from_env
+        from crystal.streaming.swarm import init_from_env
 
         return init_from_env()
 
@@ -649,8 +649,8 @@ class Trainer:
         events = getattr(self.engine, "last_trace", None)
         if not (self.writer and events and self.cfg.backend.streaming.trace):
             return
-        from streaming.executor import overlap_report
-        from streaming.sim.trace import plot_timeline, write_chrome_trace
+        from crystal.streaming.executor import overlap_report
+        from crystal.streaming.sim.trace import plot_timeline, write_chrome_trace
 
         write_chrome_trace(events, self.run_dir / "streaming_trace.json", process_name=f"crystal step {self.step}")
         plot_timeline(events, self.run_dir / "plots" / "streaming_trace.png", title=f"measured step {self.step}")

@@ -9,13 +9,13 @@ OP_NAMES = ("attention", "rope", "swiglu", "layernorm", "rmsnorm", "linear_cross
 
 
 def get_ops(name: str) -> ModuleType:
-    """The op namespace the model calls: `torch` (kernels.reference) or `triton` (kernels.triton_ops)."""
+    """The op namespace the model calls: `torch` (reference.py) or `triton` (triton_ops.py), both in crystal.kernels."""
     if name == "torch":
-        from kernels import reference
+        from crystal.kernels import reference
 
         return reference
     if name == "triton":
-        from kernels import triton_ops
+        from crystal.kernels import triton_ops
 
         return triton_ops
     raise ValueError(f"unknown ops {name!r}; use 'torch' or 'triton'")

@@ -30,8 +30,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from kernels.triton_utils import INTERPRET, autotune_configs, check_device, dot_precision, last_dim_contiguous
+from crystal.kernels.triton_utils import INTERPRET, autotune_configs, check_device, dot_precision, last_dim_contiguous
 
 LOG2E = math.log2(math.e)
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.triton_utils import INTERPRET, check_device
+from crystal.kernels.triton_utils import INTERPRET, check_device
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernel

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.triton_utils import INTERPRET, check_device, num_programs_for_reduction
+from crystal.kernels.triton_utils import INTERPRET, check_device, num_programs_for_reduction
 
 MAX_COLS = 32768
 

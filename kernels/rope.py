@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.triton_utils import INTERPRET, check_device
+from crystal.kernels.triton_utils import INTERPRET, check_device
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernel
@@ -98,7 +97,7 @@ _INV_FREQ: dict[tuple, torch.Tensor] = {}
 
 
 def inv_freq(rotary_dims: int, theta: float, device: torch.device) -> torch.Tensor:
-    """(R/2,) fp32, the same torch expression as kernels.reference.rope_angles, cached per device."""
+    """(R/2,) fp32, the same torch expression as crystal.kernels.reference.rope_angles, cached per device."""
     key = (rotary_dims, float(theta), str(device))
     if key not in _INV_FREQ:
         exponents = torch.arange(0, rotary_dims, 2, dtype=torch.float32, device=device) / rotary_dims

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.triton_utils import INTERPRET, check_device, dot_precision
+from crystal.kernels.triton_utils import INTERPRET, check_device, dot_precision
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernel

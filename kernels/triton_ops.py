@@ -1,4 +1,4 @@
-"""`ops=triton`: the same names and signatures as kernels.reference, backed by the Triton custom ops
+"""`ops=triton`: the same names and signatures as crystal.kernels.reference, backed by the Triton custom ops
 (crystal::attention, crystal::rope, crystal::swiglu, crystal::layernorm, crystal::linear_cross_entropy).
 
 Autocast: custom ops fall through autocast untouched, so the matmul ops (swiglu, linear_cross_entropy)
@@ -12,13 +12,12 @@ rmsnorm has no Triton kernel yet: it is the torch reference (only Amber-style co
 from __future__ import annotations
 
 import torch
-
-from kernels.attention import attention, attention_with_lse
-from kernels.cross_entropy import linear_cross_entropy as _linear_cross_entropy
-from kernels.layernorm import layernorm
-from kernels.reference import rmsnorm
-from kernels.rope import rope
-from kernels.swiglu import swiglu as _swiglu
+from crystal.kernels.attention import attention, attention_with_lse
+from crystal.kernels.cross_entropy import linear_cross_entropy as _linear_cross_entropy
+from crystal.kernels.layernorm import layernorm
+from crystal.kernels.reference import rmsnorm
+from crystal.kernels.rope import rope
+from crystal.kernels.swiglu import swiglu as _swiglu
 
 __all__ = ["attention", "attention_with_lse", "rope", "swiglu", "layernorm", "rmsnorm", "linear_cross_entropy"]
 

@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-
-from streaming.backends.base import StreamableModel
-from streaming.store import HostStore, Layout, Unit
+from crystal.streaming.backends.base import StreamableModel
+from crystal.streaming.store import HostStore, Layout, Unit
 
 MAX_SLOTS = 2  # device block buffers, whatever the depth: the point of weight streaming
 

@@ -17,9 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from streaming.backends.base import AdamWSettings, ParamGroupSpec
-from streaming.store import HostStore, Unit
+from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec
+from crystal.streaming.store import HostStore, Unit
 
 
 @dataclass

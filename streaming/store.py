@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-
-from streaming.backends.base import ADAM_STATE_KEYS, check_adam_state_keys
+from crystal.streaming.backends.base import ADAM_STATE_KEYS, check_adam_state_keys
 
 GIB = 1 << 30
 

@@ -16,8 +16,7 @@ import os
 
 import torch
 import torch.distributed as dist
-
-from streaming.store import Unit
+from crystal.streaming.store import Unit
 
 
 def init_from_env() -> Swarm | None:

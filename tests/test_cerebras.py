@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from crystal.streaming.backends.cerebras import cstorch_available
+from crystal.streaming.backends.cerebras_state import (
+    CstorchLayoutError,
+    cstorch_to_flat,
+    flat_to_cstorch,
+    powers_for_step,
+    step_from_powers,
+)
 
 from crystal.cerebras import (
     HDF5_MAGIC,
@@ -34,14 +41,6 @@ from crystal.checkpoint import CheckpointError, find_latest, load_checkpoint
 from crystal.config import ModelConfig, config_to_dict, to_dataclass
 from crystal.model import build_model
 from crystal.trainer import CrystalAdapter, Trainer, build_engine, lr_at, param_group_specs
-from streaming.backends.cerebras import cstorch_available
-from streaming.backends.cerebras_state import (
-    CstorchLayoutError,
-    cstorch_to_flat,
-    flat_to_cstorch,
-    powers_for_step,
-    step_from_powers,
-)
 from tests.conftest import compose_config, compose_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,8 +94,7 @@ def test_a_complete_csx_config_composes_and_checks_the_certificate(tmp_path):
 
 
 def test_csx_without_a_cluster_fails_in_one_line_from_the_cli(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "crystal.train", *CSX, "train.steps=1"], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, "-m", "crystal.train", *CSX, "train.steps=1"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 1
     assert "backend.cerebras.mgmt_address" in out.stderr and "Traceback" not in out.stderr

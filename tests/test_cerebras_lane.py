@@ -1,6 +1,6 @@
 """The Cerebras lane: backend=cerebras on cerebras-pytorch's CPU backend, against backend=resident.
 
-Runs only where cerebras-pytorch is installed (its own venv, README "Cerebras"):
+Runs only where cerebras-pytorch is installed (its own venv, docs/cerebras.md):
 
     .venv-cerebras/bin/python -m pytest tests/test_cerebras_lane.py -s
 
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from crystal.streaming.backends.cerebras import cstorch_available
 
 from crystal.checkpoint import find_latest, load_checkpoint
 from crystal.metrics import read_metrics
 from crystal.trainer import Trainer
-from streaming.backends.cerebras import cstorch_available
 from tests.conftest import FAST_DATA, compose_config
 
 if not cstorch_available():
@@ -92,10 +92,9 @@ def train(out_dir: Path, run_name: str, *overrides: str) -> tuple[Trainer, float
 
 def main_env_train(out_dir: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
     python = main_python()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout, whatever the main venv has installed
     cmd = [str(python), "-m", "crystal.train", *LANE, f"train.out_dir={out_dir}", f"train.run_name={run_name}",
            *overrides]  # fmt: skip
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -209,10 +208,10 @@ def test_main_environment_checkpoint_continues_on_cerebras(lane_dir, summary):
 
 def test_cstorch_checkpoint_files_round_trip(runs, lane_dir):
     import cerebras.pytorch as cstorch
+    from crystal.streaming.backends.cerebras_state import cstorch_to_flat
 
     from crystal.cerebras import HDF5_MAGIC
     from crystal.cerebras import main as bridge
-    from streaming.backends.cerebras_state import cstorch_to_flat
 
     src = find_latest(runs["cerebras"]["dir"])
     mdl = lane_dir / "cerebras_step20.mdl"
@@ -235,7 +234,7 @@ def test_cstorch_checkpoint_files_round_trip(runs, lane_dir):
         engine = trainer.engine
         native = engine.cstorch_state_dict()
         powers = native["optimizer"]["state"][0]
-        from streaming.backends.cerebras_state import powers_for_step
+        from crystal.streaming.backends.cerebras_state import powers_for_step
 
         assert [float(x) for x in powers_for_step(STEPS, (0.9, 0.95))] == [
             float(powers["beta1_power"]),
@@ -289,9 +288,8 @@ def test_a_moved_cursor_opens_a_new_run_there(lane_dir):
 
 
 def test_csx_without_a_cluster_fails_clearly(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "crystal.train", "backend=cerebras", "backend.cerebras.target=CSX", "train.steps=1"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "backend.cerebras.target=CSX needs backend.cerebras.mgmt_address" in out.stderr
 

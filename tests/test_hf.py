@@ -23,7 +23,8 @@ from crystal.config import ModelConfig  # noqa: E402
 from crystal.model import build_model  # noqa: E402
 from crystal.tokenizer import ADDED_TOKENS, Tokenizer, train_sentencepiece  # noqa: E402
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
+pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
+transformers = hf.import_transformers()
 
 STDLIB = Path(os.__file__).parent
 # LLM360's released config.json (crystalcoder-train finetune/Megatron-LM/CrystalCoder/config.json), field for

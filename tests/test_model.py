@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from crystal.kernels import reference
 
 from crystal.config import MODEL_REGISTRY, ModelConfig
 from crystal.model import GROUP_EMBEDDING, GROUP_HIDDEN, GROUP_NO_DECAY, build_model, count_params, param_groups
-from kernels import reference
 
 
 def test_crystalcoder_7b_has_exactly_the_released_parameter_count():

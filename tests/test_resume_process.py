@@ -5,7 +5,6 @@ nothing carries over in memory between the save and the load."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -36,8 +35,7 @@ def run_here(*overrides: str) -> Path:
 
 
 def start(*overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "crystal.train", *FAST_DATA, *overrides], env=env,
+    return subprocess.Popen([sys.executable, "-m", "crystal.train", *FAST_DATA, *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 

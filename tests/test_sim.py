@@ -9,13 +9,12 @@ import json
 from dataclasses import replace
 
 import pytest
-
-from streaming.sim.cli import main
-from streaming.sim.engine import Engine
-from streaming.sim.profile import available_clusters, load_profile, profile_from_dict
-from streaming.sim.shapes import ModelShape, load_shape
-from streaming.sim.timing import compute_costs, simulate
-from streaming.sim.trace import to_chrome_trace, write_chrome_trace
+from crystal.streaming.sim.cli import main
+from crystal.streaming.sim.engine import Engine
+from crystal.streaming.sim.profile import available_clusters, load_profile, profile_from_dict
+from crystal.streaming.sim.shapes import ModelShape, load_shape
+from crystal.streaming.sim.timing import compute_costs, simulate
+from crystal.streaming.sim.trace import to_chrome_trace, write_chrome_trace
 
 SHAPE = ModelShape("toy", n_layer=4, d_model=256, n_head=2, ffn_hidden=682, vocab_size=512, max_seq_len=128)
 
@@ -181,7 +180,7 @@ def test_every_shipped_profile_loads_and_simulates(name):
 
 
 def test_shipped_figures_cite_a_source():
-    from streaming.sim.profile import CLUSTER_DIR
+    from crystal.streaming.sim.profile import CLUSTER_DIR
 
     for path in CLUSTER_DIR.glob("*.yaml"):
         lines = path.read_text().splitlines()
@@ -225,7 +224,7 @@ def test_missing_profile_and_override_typos():
 
 
 def test_calibration_writes_a_well_formed_profile(tmp_path):
-    from streaming.sim.calibrate import calibrate
+    from crystal.streaming.sim.calibrate import calibrate
 
     path = calibrate(tmp_path / "cpu.yaml", budget_s=0.3)
     text = path.read_text()
@@ -265,7 +264,7 @@ def test_chrome_trace_contract(tmp_path):
 
 
 def test_gpu_alternatives_and_the_measured_h100_points():
-    from streaming.sim.gpu import HYBRID, compare, h100_checks
+    from crystal.streaming.sim.gpu import HYBRID, compare, h100_checks
 
     h100 = load_profile("h100")
     rows = {r.strategy: r for r in compare(load_shape("crystalcoder_7b"), h100, [16])}

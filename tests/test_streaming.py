@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from crystal.streaming.backends.base import AdamWSettings
+from crystal.streaming.backends.resident import ResidentEngine
+from crystal.streaming.backends.streaming import StreamingEngine
+from crystal.streaming.executor import MAX_SLOTS, overlap_report
+from crystal.streaming.store import HostMemoryError, check_host_memory
 
 from crystal.checkpoint import find_latest, load_checkpoint
 from crystal.config import ModelConfig, StreamingConfig
 from crystal.data.loader import Batch
 from crystal.model import build_model
 from crystal.trainer import CrystalAdapter, Trainer, param_group_specs
-from streaming.backends.base import AdamWSettings
-from streaming.backends.resident import ResidentEngine
-from streaming.backends.streaming import StreamingEngine
-from streaming.executor import MAX_SLOTS, overlap_report
-from streaming.store import HostMemoryError, check_host_memory
 from tests.conftest import FAST_DATA
 from tests.test_train import REPO, SMALL, run_trainer, train_losses
 
@@ -196,8 +196,7 @@ def _free_port() -> int:
 
 def _replica(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
-
-    from streaming.swarm import Swarm
+    from crystal.streaming.swarm import Swarm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -215,7 +214,10 @@ def _replica(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_replicas_equal_one_process_with_twice_the_batch(tmp_path):
+def test_two_gloo_replicas_equal_one_process_with_twice_the_batch(tmp_path, monkeypatch):
+    # spawned children unpickle _replica from tests.test_streaming: they need the checkout on their sys.path
+    # (pytest's importlib mode keeps it off ours); last, so that no folder of the root shadows an installed package
+    monkeypatch.setattr(sys, "path", [*sys.path, str(REPO)])
     mp.spawn(_replica, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single = make_engine("streaming", 2)
     losses = [single.train_step(batches(step, 1, rows=4), 1e-3).loss for step in range(2)]
@@ -236,7 +238,7 @@ def test_torchrun_data_parallel_run_matches_one_process(fast_config, tmp_path):
     micro-batches; rank 0 alone writes metrics and checkpoints, and its losses equal a one-process run's."""
     args = [*FAST_DATA, *SMALL, "train.steps=3", "train.ckpt_every=3", "train.plots=false", "backend=streaming",
             f"train.out_dir={tmp_path}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
     subprocess.run([*torchrun, "-m", "crystal.train", *args, "train.run_name=dp"], env=env, check=True,
                    capture_output=True, timeout=300)  # fmt: skip
@@ -313,12 +315,12 @@ def test_gpu_device_memory_is_flat_in_depth():
 
 @pytest.mark.parametrize("schedule", ["batch_major", "layer_major"])
 def test_the_simulator_schedules_the_copies_the_executor_makes(schedule):
-    """streaming.sim models this executor: per step it must copy exactly the blocks the executor copies."""
+    """crystal.streaming.sim models this executor: per step it must copy exactly the blocks the executor copies."""
     from dataclasses import replace
 
-    from streaming.sim.profile import load_profile
-    from streaming.sim.shapes import load_shape
-    from streaming.sim.timing import simulate
+    from crystal.streaming.sim.profile import load_profile
+    from crystal.streaming.sim.shapes import load_shape
+    from crystal.streaming.sim.timing import simulate
 
     layers, micro = 6, 3
     engine = make_engine("streaming", layers, schedule=schedule)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,8 +98,7 @@ def test_stage_transition_keeps_weights_and_restarts_the_schedule(fast_config):
 
 
 def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "crystal.train", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "crystal.train", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 

@@ -22,7 +22,7 @@ eps = 1e-9 that only matters for parameters whose gradients are numerical noise 
 key biases, which softmax makes invariant), where Adam's normalisation turns the difference into
 visible updates; on the tiny model the losses then differ from backend=resident by up to ~5e-4
 relative over 20 steps. backend.cerebras.adamw=torch keeps cstorch's optimizer and state but uses
-torch's equation: then the losses agree to fp32 rounding (README "Cerebras" has both measurements).
+torch's equation: then the losses agree to fp32 rounding (docs/cerebras.md has both measurements).
 The bias-correction powers are fp32 state (cerebras_state.py converts them to step counts) and the
 LR is computed in the graph in fp32 (relative 1e-7 from the trainer's float64 schedule).
 
@@ -41,13 +41,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
-from streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
-from streaming.backends.cerebras_state import cstorch_to_flat, flat_to_cstorch, powers_for_step, step_from_powers
+from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
+from crystal.streaming.backends.cerebras_state import (
+    cstorch_to_flat,
+    flat_to_cstorch,
+    powers_for_step,
+    step_from_powers,
+)
 
 VENV_HINT = (
     "python3.11 -m venv .venv-cerebras && .venv-cerebras/bin/pip install -e '.[cerebras,dev]' "
-    "(README 'Cerebras'), then run with .venv-cerebras/bin/python"
+    "(docs/cerebras.md), then run with .venv-cerebras/bin/python"
 )
 
 

@@ -41,8 +41,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-
-from streaming.backends.base import ParamGroupSpec
+from crystal.streaming.backends.base import ParamGroupSpec
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32: below it beta^t has lost its precision

@@ -7,8 +7,7 @@ import math
 from typing import Any
 
 import torch
-
-from streaming.backends.base import (
+from crystal.streaming.backends.base import (
     ADAM_STATE_KEYS,
     AdamWSettings,
     ParamGroupSpec,

@@ -8,12 +8,11 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
-
-from streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
-from streaming.executor import Executor, HostWorker
-from streaming.optimizer import HostAdamW
-from streaming.store import HostStore, Unit
-from streaming.swarm import Swarm
+from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
+from crystal.streaming.executor import Executor, HostWorker
+from crystal.streaming.optimizer import HostAdamW
+from crystal.streaming.store import HostStore, Unit
+from crystal.streaming.swarm import Swarm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

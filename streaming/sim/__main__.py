@@ -1,5 +1,5 @@
 import sys
 
-from streaming.sim.cli import main
+from crystal.streaming.sim.cli import main
 
 sys.exit(main())

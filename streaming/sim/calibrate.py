@@ -1,6 +1,6 @@
 """Measure this machine (device = cpu) and write conf/cluster/cpu.yaml for the simulator.
 
-    python -m streaming.sim calibrate --out conf/cluster/cpu.yaml [--budget-s 20]
+    python -m crystal.streaming.sim calibrate --out conf/cluster/cpu.yaml [--budget-s 20]
 
 What is measured, with torch's default thread count (the trainer's) unless --threads says otherwise:
   matmul     fp32 F.linear (with bias, as the model's layers) at sizes shaped like the small models'
@@ -153,7 +153,7 @@ def render(m: dict, budget_s: float) -> str:
     peak = max(r for _, r in m["matmul"])
     return f"""\
 # This machine as a streaming device (device = cpu), written by
-#   python -m streaming.sim calibrate --out conf/cluster/cpu.yaml --budget-s {budget_s:g} --threads {m["threads"]}
+#   crystal-sim calibrate --out conf/cluster/cpu.yaml --budget-s {budget_s:g} --threads {m["threads"]}
 # measured {date} on host {host} ({cpu}, {m["threads"]} torch threads, torch {m["torch"]}).
 # Every rate below is a median measured by streaming/sim/calibrate.py at that time; the machine may be shared.
 name: cpu
@@ -199,8 +199,7 @@ run:  # the CPU validation bench's defaults
 def calibrate(out: str | Path, budget_s: float = 20.0, threads: int = 0) -> Path:
     """Measure and write a profile; threads > 0 sets torch's thread count first (0 = torch's default)."""
     import torch
-
-    from streaming.sim.profile import load_profile
+    from crystal.streaming.sim.profile import load_profile
 
     if threads:
         torch.set_num_threads(threads)

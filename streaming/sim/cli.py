@@ -1,4 +1,4 @@
-"""Command line of the simulator (python -m streaming.sim ...); see streaming/sim/__init__.py."""
+"""Command line of the simulator (python -m crystal.streaming.sim ...); see streaming/sim/__init__.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from streaming.sim.profile import ClusterProfile, RunDefaults, load_profile
-from streaming.sim.shapes import ModelShape, load_shape
-from streaming.sim.timing import Prediction, simulate
+from crystal.streaming.sim.profile import ClusterProfile, RunDefaults, load_profile
+from crystal.streaming.sim.shapes import ModelShape, load_shape
+from crystal.streaming.sim.timing import Prediction, simulate
 
 CRYSTALCODER_TOKENS = 1_392_000_000_000  # DESIGN.md: 321,836 steps x 4,325,376 tokens = 1.392T
 ALIASES = {"num_cs2": "replicas", "gpus": "replicas"}
@@ -111,11 +111,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     p = simulate(shape, prof, run)
     print(report(p))
     if args.trace:
-        from streaming.sim.trace import write_chrome_trace
+        from crystal.streaming.sim.trace import write_chrome_trace
 
         print(f"trace: {write_chrome_trace(p.events, args.trace, f'{shape.name} on {prof.name} (simulated)')}")
     if args.plot:
-        from streaming.sim.trace import plot_timeline
+        from crystal.streaming.sim.trace import plot_timeline
 
         title = f"{shape.name} on {prof.name}: one step, {run.schedule}, prefetch {run.prefetch} (simulated)"
         print(f"plot: {plot_timeline(p.events, args.plot, title)}")
@@ -123,7 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from streaming.sim.calibrate import calibrate
+    from crystal.streaming.sim.calibrate import calibrate
 
     path = calibrate(args.out, args.budget_s, args.threads)
     print(f"wrote {path}")
@@ -131,7 +131,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from streaming.sim.sweep import sweep
+    from crystal.streaming.sim.sweep import sweep
 
     for path in sweep(args.out_dir, args.overrides):
         print(f"wrote {path}")
@@ -172,14 +172,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_gpu(args: argparse.Namespace) -> int:
-    from streaming.sim.gpu import compare, table
+    from crystal.streaming.sim.gpu import compare, table
 
     shape, prof, _, extra = resolve(args.overrides, default_cluster="h100", extra_keys=("sizes", "global_batch"))
     sizes = [int(x) for x in str(extra.get("sizes", "16,64")).split(",")]
     rows = compare(shape, prof, sizes, int(extra.get("global_batch", 2112)))
     print(table(rows))
     if prof.name == "h100":
-        from streaming.sim.gpu import h100_checks
+        from crystal.streaming.sim.gpu import h100_checks
 
         print("\nchecks against DESIGN.md's measured H100 runs (8-layer, 1.88B params, 8 x 2048 tokens/step):")
         for what, measured, predicted in h100_checks(prof):
@@ -188,7 +188,7 @@ def cmd_gpu(args: argparse.Namespace) -> int:
                 f"ratio {predicted / measured:.2f}"
             )
     if args.csv:
-        from streaming.sim.gpu import write_csv
+        from crystal.streaming.sim.gpu import write_csv
 
         print(f"wrote {write_csv(rows, args.csv)}")
     return 0
@@ -197,7 +197,7 @@ def cmd_gpu(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("calibrate", "sweep", "gpu", "sensitivity") else "predict"
-    ap = argparse.ArgumentParser(prog=f"python -m streaming.sim{'' if command == 'predict' else ' ' + command}")
+    ap = argparse.ArgumentParser(prog=f"python -m crystal.streaming.sim{'' if command == 'predict' else ' ' + command}")
     ap.add_argument("overrides", nargs="*", help="key=value: model=, cluster=, batch=, seq=, micro_batches=, "
                     "schedule=, prefetch=, recompute=, stream_dtype=, grad_dtype=, replicas= (num_cs2=), "
                     "model.<key>=, cluster.<section>.<key>=")  # fmt: skip

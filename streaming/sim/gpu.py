@@ -1,7 +1,7 @@
 """GPU-cluster alternatives on the same workload: FSDP (ZeRO-3) with and without CPU offload, hybrid
 tensor + pipeline + data parallel (Megatron-style 3D), next to weight streaming, on N GPUs of a profile.
 
-    python -m streaming.sim gpu model=crystalcoder_7b cluster=h100 sizes=16,64
+    python -m crystal.streaming.sim gpu model=crystalcoder_7b cluster=h100 sizes=16,64
 
 Workload: CrystalCoder's global batch (2112 x 2048 tokens). For every strategy the simulator tries
 every micro-batch size (divisors of the per-replica share), activation checkpointing on/off and, for
@@ -31,10 +31,10 @@ import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from streaming.sim.engine import Engine
-from streaming.sim.profile import ClusterProfile
-from streaming.sim.shapes import ModelShape
-from streaming.sim.timing import ADAM_DEVICE_BYTES, block_times, simulate
+from crystal.streaming.sim.engine import Engine
+from crystal.streaming.sim.profile import ClusterProfile
+from crystal.streaming.sim.shapes import ModelShape
+from crystal.streaming.sim.timing import ADAM_DEVICE_BYTES, block_times, simulate
 
 SEQ_BATCH = 2112  # CrystalCoder's global batch in sequences (DESIGN.md)
 HYBRID, DP = "3D (TP x PP x DP)", "DP + ZeRO-1 (tp=pp=1)"  # the 3D search's winner with and without model split
@@ -266,7 +266,7 @@ H100_MEASURED = {"resident": 45_000, "resident + activation checkpointing": 36_5
 
 def h100_checks(prof: ClusterProfile) -> list[tuple[str, float, float]]:
     """(what, measured tokens/s, predicted tokens/s) for the three measured single-GPU runs."""
-    from streaming.sim.shapes import load_shape
+    from crystal.streaming.sim.shapes import load_shape
 
     shape = load_shape("crystalcoder_7b", {"n_layer": 8, "tie_embeddings": False})
     run = replace(prof.run, batch=8, micro_batches=1, replicas=1, schedule="resident")

@@ -20,9 +20,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from crystal.streaming.sim.shapes import CONF_DIR
 from omegaconf import OmegaConf
-
-from streaming.sim.shapes import CONF_DIR
 
 CLUSTER_DIR = CONF_DIR / "cluster"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

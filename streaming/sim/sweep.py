@@ -12,10 +12,10 @@ import csv
 from dataclasses import replace
 from pathlib import Path
 
-from streaming.sim.cli import CRYSTALCODER_TOKENS, resolve
-from streaming.sim.profile import ClusterProfile, RunDefaults
-from streaming.sim.shapes import SWEEP_MODELS, ModelShape, load_shape
-from streaming.sim.timing import Prediction, check_fit, memory, simulate
+from crystal.streaming.sim.cli import CRYSTALCODER_TOKENS, resolve
+from crystal.streaming.sim.profile import ClusterProfile, RunDefaults
+from crystal.streaming.sim.shapes import SWEEP_MODELS, ModelShape, load_shape
+from crystal.streaming.sim.timing import Prediction, check_fit, memory, simulate
 
 GLOBAL_BATCH = 2112
 MAX_BATCH = 66

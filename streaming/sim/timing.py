@@ -26,9 +26,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from streaming.sim.engine import LANES, Engine, Task
-from streaming.sim.profile import DTYPE_BYTES, ClusterProfile, DeviceProfile, RunDefaults
-from streaming.sim.shapes import ModelShape
+from crystal.streaming.sim.engine import LANES, Engine, Task
+from crystal.streaming.sim.profile import DTYPE_BYTES, ClusterProfile, DeviceProfile, RunDefaults
+from crystal.streaming.sim.shapes import ModelShape
 
 FWD_OPS, BWD_OPS = 20, 45
 ADAM_DEVICE_BYTES = 28  # resident AdamW on a GPU: read w, g, m, v (fp32) and write w, m, v, per param

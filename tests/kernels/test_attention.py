@@ -1,4 +1,4 @@
-"""Flash attention vs the materialised fp32 reference (kernels.reference.attention_math)."""
+"""Flash attention vs the materialised fp32 reference (crystal.kernels.reference.attention_math)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import math
 
 import pytest
 import torch
+from crystal.kernels import reference
+from crystal.kernels.attention import (
+    attention,
+    attention_backward,
+    attention_backward_op,
+    attention_op,
+    attention_with_lse,
+)
 from torch.library import opcheck
 
-from kernels import reference
-from kernels.attention import attention, attention_backward, attention_backward_op, attention_op, attention_with_lse
 from tests.kernels.helpers import DEVICE, assert_close, gpu_param, random_doc_ids
 
 # (name, B, H, S, D, scale): realistic-but-small, odd/prime length with D 128 and the standard scale, one row.

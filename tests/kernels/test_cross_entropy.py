@@ -1,13 +1,13 @@
-"""Fused linear + cross-entropy vs kernels.reference.linear_cross_entropy (which materialises the logits)."""
+"""Fused linear + cross-entropy vs crystal.kernels.reference.linear_cross_entropy (which materialises the logits)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from crystal.kernels import reference
+from crystal.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_forward, linear_cross_entropy_op
 from torch.library import opcheck
 
-from kernels import reference
-from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_forward, linear_cross_entropy_op
 from tests.kernels.helpers import DEVICE, assert_close, gpu_param
 
 LOGITS_SCALE = 0.13875  # CrystalCoder's muP output multiplier (2.22 x 0.0625)

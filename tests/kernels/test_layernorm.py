@@ -1,13 +1,13 @@
-"""LayerNorm kernel vs kernels.reference.layernorm (fp32 statistics, row-parallel dW/db)."""
+"""LayerNorm kernel vs crystal.kernels.reference.layernorm (fp32 statistics, row-parallel dW/db)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from crystal.kernels import reference
+from crystal.kernels.layernorm import layernorm, layernorm_backward_op, layernorm_op
 from torch.library import opcheck
 
-from kernels import reference
-from kernels.layernorm import layernorm, layernorm_backward_op, layernorm_op
 from tests.kernels.helpers import DEVICE, assert_close, gpu_param
 
 # (name, leading shape, C, bias): realistic-but-small (the model's (B, S, C)), CrystalCoder's width on one

@@ -1,14 +1,14 @@
-"""RoPE kernel vs kernels.reference.rope: partial (CrystalCoder 25%) and full rotary, GPT-J interleaved
+"""RoPE kernel vs crystal.kernels.reference.rope: partial (CrystalCoder 25%) and full rotary, GPT-J interleaved
 and rotate-half, shared and per-token positions, the in-place path, q and k in one launch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from crystal.kernels import reference
+from crystal.kernels.rope import rope, rope_backward_op, rope_op
 from torch.library import opcheck
 
-from kernels import reference
-from kernels.rope import rope, rope_backward_op, rope_op
 from tests.kernels.helpers import DEVICE, assert_close, gpu_param, positions_from_docs, random_doc_ids
 
 # (name, B, S, H, D): realistic-but-small (CrystalCoder head dim), odd/prime, one row.

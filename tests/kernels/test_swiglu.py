@@ -1,13 +1,13 @@
-"""Fused SwiGLU vs kernels.reference.swiglu, including CrystalCoder's FFN width 10922 (not a multiple of 128)."""
+"""Fused SwiGLU vs reference.swiglu, including CrystalCoder's FFN width 10922 (not a multiple of 128)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from crystal.kernels import reference
+from crystal.kernels.swiglu import swiglu, swiglu_backward_op, swiglu_op
 from torch.library import opcheck
 
-from kernels import reference
-from kernels.swiglu import swiglu, swiglu_backward_op, swiglu_op
 from tests.kernels.helpers import DEVICE, assert_close, gpu_param
 
 # (name, tokens, C, F, bias): realistic-but-small, CrystalCoder's FFN 10922 at a cheap width, odd/prime
