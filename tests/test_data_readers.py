@@ -217,6 +217,40 @@ def test_unreadable_files_are_one_error_naming_them(tmp_path, tokenizer_path):
         prepare_sources(tmp_path, tokenizer_path, {"p": {"type": "starcoder", "path": str(bad_parquet.parent)}})
 
 
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_a_compressed_file_cut_anywhere_reads_whole_or_fails_naming_the_file(tmp_path, suffix):
+    # SlimPajama ships .jsonl.zst; zstandard's stream_reader stops at a cut without a word
+    records = [slimpajama(f"document {i}: " + " ".join(str(i * j) for j in range(60)), "RedPajamaC4")
+               for i in range(300)]  # fmt: skip
+    whole = write_jsonl(tmp_path / f"whole{suffix}", records).read_bytes()
+    assert len(whole) > 3000
+    spec = {"type": "jsonl", "path": str(tmp_path / "cut")}
+    (tmp_path / "cut").mkdir()
+    cut_file = tmp_path / "cut" / f"part{suffix}"
+    cuts = sorted({*range(0, len(whole), max(1, len(whole) // 40)), 1, 3000, len(whole) - 4, len(whole) - 1})
+    for cut in [*cuts, len(whole)]:
+        cut_file.write_bytes(whole[:cut])
+        if cut == len(whole):
+            assert [d.text for d in docs(spec)] == [r["text"] for r in records]
+            continue
+        with pytest.raises(DataError) as e:
+            docs(spec)
+        message = str(e.value)
+        assert message.startswith(f"cannot read {cut_file}: ") and "\n" not in message, (cut, message)
+        # gzip cut inside its 10-byte header says "Not a gzipped file"; every other cut says truncated
+        assert "truncated" in message or (suffix == ".jsonl.gz" and cut < 10), (cut, message)
+
+
+def test_a_truncated_plain_zst_text_file_is_an_error(tmp_path):
+    import zstandard
+
+    (tmp_path / "t").mkdir()
+    raw = zstandard.ZstdCompressor().compress(("some text\n" * 5000).encode())
+    (tmp_path / "t" / "notes.txt.zst").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"cannot read .*notes\.txt\.zst: truncated"):
+        docs({"type": "text_dir", "path": str(tmp_path / "t"), "kind": "english", "lang": "en"})
+
+
 def test_an_option_the_reader_does_not_use_is_an_error():
     with pytest.raises(ValueError, match=r"data.sources.x: option\(s\) \['languages'\] are not used by type 'jsonl'"):
         build_source("x", {"type": "jsonl", "path": "/tmp", "languages": ["python"]})

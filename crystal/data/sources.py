@@ -54,15 +54,58 @@ class Document:
 # Reading bytes and text
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Every frame of a .zst file, decompressed; EOFError when the file ends inside a frame.
+
+    zstandard's stream_reader returns what it has at a cut without a word, so a truncated SlimPajama
+    .jsonl.zst would read as fewer documents (or none), silently. Here a frame must reach its end."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._file = open(path, "rb")
+        self._new_frame = lambda: zstandard.ZstdDecompressor().decompressobj()
+        self._frame = None  # the decompressor of the frame being read; None before the first byte
+        self._out, self._pos = b"", 0  # decompressed bytes not yet handed out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            compressed = self._file.read(1 << 20)
+            if not compressed:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("truncated: the file ends inside a zstd frame")
+                return 0
+            self._out, self._pos = self._decompress(compressed), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        parts = []
+        while compressed:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._new_frame()
+            parts.append(self._frame.decompress(compressed))
+            compressed = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def open_binary(path: Path) -> BinaryIO:
-    """A file as a binary stream, .gz and .zst decompressed on the fly."""
+    """A file as a binary stream, .gz and .zst decompressed on the fly; a truncated one raises EOFError."""
+    if path.name.endswith((".gz", ".zst")) and path.stat().st_size == 0:
+        raise EOFError("truncated: an empty file is not even a compressed header")
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
-        import zstandard
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")
 
 
@@ -87,12 +130,18 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def unreadable(path: Path, error: BaseException) -> DataError:
+    """The one-line error for a file that cannot be read; a cut-short compressed file says so first."""
+    why = str(error) if "truncated" in str(error) or not isinstance(error, EOFError) else f"truncated: {error}"
+    return DataError(f"cannot read {path}: {why}; fix or remove the file")
+
+
 def read_bytes(path: Path) -> bytes:
     try:
         with open_binary(path) as f:
             return f.read()
     except _read_errors() as e:
-        raise DataError(f"cannot read {path}: {e}; fix or remove the file") from None
+        raise unreadable(path, e) from None
 
 
 def decode(raw: bytes) -> tuple[str, int]:
@@ -559,7 +608,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any], int]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e}); fix or remove the file") from None
     except _read_errors() as e:
-        raise DataError(f"cannot read {path}: {e}; fix or remove the file") from None
+        raise unreadable(path, e) from None
 
 
 def _field(record: dict[str, Any], key: str, path: Path, lineno: int) -> str:
