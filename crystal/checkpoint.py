@@ -226,25 +226,29 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def find_latest(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; a corrupt newest one is skipped (and reported by the caller)."""
+def find_latest(run_dir: Path, skipped: list[tuple[Path, CheckpointError]] | None = None) -> Path | None:
+    """The newest checkpoint that verifies. Newer ones that fail verification are passed over and, when the
+    caller gives a `skipped` list, appended to it with their error, for the caller to report."""
     for p in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(p)
             return p
-        except CheckpointError:
-            continue
+        except CheckpointError as e:
+            if skipped is not None:
+                skipped.append((p, e))
     return None
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+def resolve_resume(
+    resume: str, run_dir: Path, skipped: list[tuple[Path, CheckpointError]] | None = None
+) -> Path | None:
     """train.resume: 'latest' (this run's newest valid checkpoint; None when it has none yet), a checkpoint dir,
-    or a run dir."""
+    or a run dir. Checkpoints passed over for failing verification go to `skipped` (see find_latest)."""
     if resume == "latest":
-        return find_latest(run_dir)
+        return find_latest(run_dir, skipped)
     path = Path(resume)
     if (path / "checkpoints").is_dir():
-        found = find_latest(path)
+        found = find_latest(path, skipped)
         if found is None:
             raise CheckpointError(f"train.resume={resume}: run directory holds no complete checkpoint")
         return found

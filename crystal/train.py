@@ -42,10 +42,11 @@ def train(dcfg: DictConfig) -> dict:
         from crystal.metrics import plot_runs
 
         plot_runs([trainer.run_dir], trainer.run_dir / "plots")
-    print(
-        f"done: step {trainer.step}, {trainer.tokens:,} tokens; held-out loss {ev.get('heldout', float('nan')):.4f} "
-        f"nats vs unigram entropy {entropy:.4f} nats; run in {trainer.run_dir}"
-    )
+    if "heldout" in ev:
+        heldout = f"held-out loss {ev['heldout']:.4f} nats vs unigram entropy {entropy:.4f} nats"
+    else:  # never a bare nan: say which sources have nothing held out and why
+        heldout = trainer.no_heldout or "no held-out loss (train.eval_batches=0)"
+    print(f"done: step {trainer.step}, {trainer.tokens:,} tokens; {heldout}; run in {trainer.run_dir}")
     return {"eval": ev, "unigram_entropy": entropy}
 
 

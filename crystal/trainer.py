@@ -312,6 +312,9 @@ class Trainer:
         self.flops_per_token = cfg.model.flops_per_token(self.seq_len)
         self._data_manifest = json.dumps({**self.data.manifest, "fingerprint": self.data.fingerprint}, indent=1,
                                          sort_keys=True)  # fmt: skip
+        self.no_heldout = self._sources_without_heldout()
+        if self.no_heldout and t.eval_batches:
+            self.log(self.no_heldout)
         if t.resume:
             self.resume(t.resume)
         if self.writer:
@@ -429,12 +432,16 @@ class Trainer:
         return lambda: json.dumps(chunk_record(loader, chunk, start, end, excluded, steps), indent=1, sort_keys=True)
 
     def resume(self, resume: str) -> None:
-        path = resolve_resume(resume, self.run_dir)
+        skipped: list[tuple[Path, CheckpointError]] = []
+        path = resolve_resume(resume, self.run_dir, skipped)
         if path is None:
-            self.log(f"train.resume=latest: {self.run_dir} has no checkpoint yet; starting from scratch")
+            self.log(f"train.resume={resume}: {self.run_dir} has no valid checkpoint yet; starting from scratch")
             return
         ckpt = load_checkpoint(path)
         meta = ckpt.meta
+        for bad, error in skipped:  # the fallback stays, but never silently
+            self.log(f"train.resume={resume}: skipped {bad.name} ({error}); resuming from {path.name} at step "
+                     f"{meta['step']}")  # fmt: skip
         same_stage = meta.get("stage", 0) == self.cfg.train.stage
         self._check_compatible(meta, path, same_stage)
         own = path.resolve().parent.parent == self.run_dir.resolve()
@@ -444,6 +451,8 @@ class Trainer:
                 f"from {path} under a new train.run_name"
             )
         events = self._check_config_unchanged(ckpt.config_yaml, path) if same_stage else []
+        events += [{"event": "skipped_invalid_checkpoint", "checkpoint": str(bad), "error": str(error),
+                    "resumed_from": str(path)} for bad, error in skipped]  # fmt: skip
         self.engine.load_state_dict(ckpt.tensors)
         if not same_stage:
             # Stage transition (CrystalCoder 1 -> 2 -> 3): weights and Adam moments carry over; the step
@@ -451,6 +460,8 @@ class Trainer:
             self.metrics.log("event", event="stage_transition", from_checkpoint=str(path), step=0,
                              from_stage=meta.get("stage", 0), to_stage=self.cfg.train.stage)  # fmt: skip
             self.log(f"stage {meta.get('stage', 0)} -> {self.cfg.train.stage}: starting from weights of {path}")
+            for row in events:
+                self.metrics.log("event", step=0, **row)
             return
         if own:
             newer = move_aside(self.run_dir, meta["step"], f"superseded-at-{meta['step']}")  # an older one was named
@@ -533,6 +544,20 @@ class Trainer:
             "skipped": result.skipped, "rolled_back": self._rolled_back,
             "samples": [first_sample, self.loader.sample_index], "step_s": dt,
         }  # fmt: skip
+
+    def _sources_without_heldout(self) -> str:
+        """'' when every source has a held-out window to evaluate; else one line naming those without and why."""
+        lacking = []
+        for name, split in zip(self.loader.names, self.loader.heldout, strict=True):
+            if split.num_windows == 0:
+                counts = self.data.shards[name].manifest["counts"]
+                docs = counts["train"]["documents"] + counts["heldout"]["documents"]
+                lacking.append(f"{name} ({counts['heldout']['documents']} of {docs} documents held out, "
+                               f"{counts['heldout']['tokens']} tokens)")  # fmt: skip
+        if not lacking:
+            return ""
+        return (f"no held-out loss for {', '.join(lacking)}: a source needs at least one {self.seq_len + 1}-token "
+                f"held-out window; raise data.heldout_fraction (now {self.cfg.data.heldout_fraction}) or add data")
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss per source and their mixture-weighted mean ("heldout")."""
@@ -631,8 +656,9 @@ class Trainer:
                 stop = self.step == end and end < t.steps
                 if self.step % t.eval_every == 0 or release:
                     last["eval"] = self._evaluate_and_log(checkpoint=release)
-                    if self.writer:
-                        bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in last["eval"].items()))
+                    if self.writer and (last["eval"] or t.eval_batches):
+                        shown = " ".join(f"{k} {v:.4f}" for k, v in last["eval"].items())
+                        bar.write(f"step {self.step}: {shown or 'no source has a held-out window (said at start)'}")
                 if release:
                     self.save_checkpoint(RELEASE)
                 elif stop or (t.ckpt_keep_every and self.step % t.ckpt_keep_every == 0):

@@ -84,6 +84,47 @@ def test_corrupt_checkpoint_is_refused_with_the_file_named(fast_config):
         load_checkpoint(ckpt)
 
 
+def test_resume_latest_says_which_corrupt_checkpoint_it_skipped(fast_config):
+    t = run_trainer(fast_config(*SMALL, "train.steps=2", "train.ckpt_every=1"))
+    newest = find_latest(t.run_dir)
+    assert newest.name == "step-00000002"
+    path = newest / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    path.write_bytes(bytes(raw))
+    lines: list[str] = []
+    resumed = Trainer(fast_config(*SMALL, "train.steps=3", "train.ckpt_every=1", "train.resume=latest"),
+                      log=lines.append)  # fmt: skip
+    try:
+        assert resumed.step == 1
+        resumed.fit()
+    finally:
+        resumed.close()
+    (said,) = [line for line in lines if "skipped" in line]
+    assert "step-00000002" in said and "model.safetensors" in said and "at step 1" in said, said
+    assert "\n" not in said
+    events = [r for r in read_metrics(t.run_dir / "metrics.jsonl", "event")
+              if r["event"] == "skipped_invalid_checkpoint"]  # fmt: skip
+    assert len(events) == 1 and events[0]["checkpoint"].endswith("step-00000002"), events
+    assert "model.safetensors" in events[0]["error"] and events[0]["resumed_from"].endswith("step-00000001")
+
+
+def test_sources_without_held_out_documents_are_named_not_nan(fast_config, capsys):
+    from omegaconf import OmegaConf
+
+    from crystal.train import train
+
+    # a fraction this small holds out no document of the fast slice (documents are picked by hash of their id)
+    cfg = fast_config(*SMALL, "train.steps=1", "train.eval_every=1", "train.plots=false", "data.heldout_fraction=1e-7")
+    train(OmegaConf.structured(cfg))
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "no held-out loss" in line]
+    assert said and "nan" not in out, out
+    for name in ("python", "english"):
+        assert name in said[-1], said
+    assert "raise data.heldout_fraction (now 1e-07)" in said[-1] and "(0 of " in said[-1], said
+
+
 def test_stage_transition_keeps_weights_and_restarts_the_schedule(fast_config):
     s1 = run_trainer(fast_config(*SMALL, "+stage=1", "train.steps=2", "train.ckpt_every=2", "train.run_name=s1"))
     s1_ckpt = find_latest(s1.run_dir)
