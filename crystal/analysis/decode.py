@@ -28,10 +28,11 @@ class KVCache:
         self.length = 0
 
     def allocate(self, like: torch.Tensor) -> None:
-        """In the dtype the keys come out in (bf16 under autocast, else the weights')."""
+        """In the dtype the keys come out in (bf16 under autocast, else the weights'). Zeros, not empty: a ragged
+        batch's attention spans slots a shorter sequence never wrote; masked out, but 0 x NaN is NaN."""
         if self.k is None:
-            self.k = torch.empty(self.shape, dtype=like.dtype, device=like.device)
-            self.v = torch.empty(self.shape, dtype=like.dtype, device=like.device)
+            self.k = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+            self.v = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
 
 
 def _block_with_cache(model: CrystalCoder, block: Block, layer: int, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
