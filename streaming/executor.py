@@ -257,7 +257,9 @@ class Executor:
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # No cast cache: autocast keys it by parameter identity and the two slots reuse the same parameter
+        # objects for every block, so a cache that outlived one block would hand block i+2 block i's weights.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
     def _visit(self, order: list[int], k: int) -> tuple[Unit, Unit | None]:
         blocks = self.store.blocks
