@@ -152,8 +152,13 @@ def test_layer_major_sums_bf16_block_gradients_in_fp32():
     runs = {}
     for schedule in ("batch_major", "layer_major"):
         engine = toy_engine(3, stream_dtype="bf16", schedule=schedule)
-        sent, on_grad = [], engine._on_grad
-        engine._on_grad = lambda unit, grads, final: (sent.extend(g.dtype for g in grads), on_grad(unit, grads, final))
+        sent: list[torch.dtype] = []
+
+        def on_grad(unit, grads, final, sent=sent, send=engine._on_grad):
+            sent.extend(g.dtype for g in grads)
+            send(unit, grads, final)
+
+        engine._on_grad = on_grad
         runs[schedule] = engine.train_step(batches(0, 8), 1e-3), engine.state_dict(), set(sent)
     (a, state_a, _), (b, state_b, sent) = runs["batch_major"], runs["layer_major"]
     assert sent == {torch.float32}
