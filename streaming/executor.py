@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -47,17 +48,22 @@ class Tracer:
     """Per-lane timings of a step (compute, h2d, d2h, optimizer, reduce) as trace events.
 
     CUDA lanes are timed with CUDA events on their stream (resolved at the end of the step); host lanes with
-    perf_counter. Both are relative to the step start, so the timeline lines up to within launch latency."""
+    perf_counter. Both are relative to the step start, so the timeline lines up to within launch latency.
+    The host worker records spans while the launching thread ends the step: a lock guards the lists, and
+    end_step hands out a sorted list of its own. A host span still running then (an overlapped update) lands
+    in the next step's timeline, at a negative start when it began before that step."""
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.cuda, self.enabled = device.type == "cuda", enabled
-        self.events: list[dict[str, Any]] = []
-        self._pending: list[tuple] = []
+        self._host: list[tuple] = []  # (lane, name, block, perf_counter start, duration)
+        self._pending: list[tuple] = []  # CUDA spans: (lane, name, block, begin event, end event)
+        self._lock = threading.Lock()
         self.step, self.t0 = 0, time.perf_counter()
 
     def begin_step(self, step: int, stream: Any = None) -> None:
-        self.step, self.events, self._pending = step, [], []
-        self.t0 = time.perf_counter()
+        with self._lock:
+            self.step, self._pending = step, []
+            self.t0 = time.perf_counter()
         if self.enabled and self.cuda:
             self.start = torch.cuda.Event(enable_timing=True)
             self.start.record(stream)
@@ -72,23 +78,28 @@ class Tracer:
             begin.record(stream)
             yield
             end.record(stream)
-            self._pending.append((lane, name, block, begin, end))
+            with self._lock:
+                self._pending.append((lane, name, block, begin, end))
             return
         t = time.perf_counter()
         yield
-        self.events.append(self._event(lane, name, block, t - self.t0, time.perf_counter() - t))
+        done = time.perf_counter()
+        with self._lock:
+            self._host.append((lane, name, block, t, done - t))
 
     def _event(self, lane: str, name: str, block: int | None, start: float, dur: float) -> dict[str, Any]:
         return {"lane": lane, "name": name, "start_s": start, "dur_s": dur, "block": block, "step": self.step}
 
     def end_step(self) -> list[dict[str, Any]]:
-        for lane, name, block, begin, end in self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            host, self._host = self._host, []
+        events = [self._event(lane, name, block, t - self.t0, dur) for lane, name, block, t, dur in host]
+        for lane, name, block, begin, end in pending:
             end.synchronize()
             start = self.start.elapsed_time(begin) / 1e3
-            self.events.append(self._event(lane, name, block, start, begin.elapsed_time(end) / 1e3))
-        self._pending = []
-        self.events.sort(key=lambda e: e["start_s"])
-        return self.events
+            events.append(self._event(lane, name, block, start, begin.elapsed_time(end) / 1e3))
+        return sorted(events, key=lambda e: e["start_s"])
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

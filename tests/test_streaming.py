@@ -264,6 +264,41 @@ def test_trace_from_real_timings(fast_config, tmp_path):
     json.dumps(events)  # plain data, ready for a Chrome trace
 
 
+def test_trace_survives_host_events_landing_while_the_step_ends():
+    """On a GPU the host worker records optimizer spans while the launching thread ends the step and sorts the
+    events ("list modified during sort" before the lock). The race is forced: a thread appends spans
+    throughout, and every end_step sorts thousands of events."""
+    import threading
+
+    from crystal.streaming.executor import Tracer
+
+    tracer = Tracer(CPU, enabled=True)
+    stop, ended = threading.Event(), []
+
+    def worker() -> None:
+        while not stop.is_set():
+            with tracer.span("optimizer", "update", 0):
+                pass
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # hand the GIL over often, so the worker runs inside every sort
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        for step in range(20):
+            tracer.begin_step(step)
+            for k in range(2000):
+                with tracer.span("compute", "fwd", k % 4):
+                    pass
+            ended.append(tracer.end_step())
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(switch)
+    for events in ended:  # each step's list is its own: sorted, and nothing landed in it after the step ended
+        assert [e["start_s"] for e in events] == sorted(e["start_s"] for e in events)
+
+
 # -- SwarmX: 2 replicas over gloo equal one process with the whole batch --------------------------------
 
 
