@@ -197,9 +197,9 @@ class DeviceSlots:
         self.holds[slot] = unit.index
         self.loads += 1
 
-    def acquire(self, unit: Unit, upcoming: Unit | None, tracer: Tracer, before_load: Callable[[Unit], None]) -> int:
-        """The slot holding `unit`'s weights, ready for compute on the compute stream. With prefetch, also
-        start copying `upcoming` into the other slot. `before_load(u)` waits until u's update is done."""
+    def acquire(self, unit: Unit, tracer: Tracer, before_load: Callable[[Unit], None]) -> int:
+        """The slot holding `unit`'s weights, ready for compute on the compute stream (copied now, after
+        `before_load(unit)` has waited for its update, unless a prefetch brought it already)."""
         if unit.index in self.holds:
             slot = self.holds.index(unit.index)
         else:
@@ -209,16 +209,18 @@ class DeviceSlots:
         if self.cuda and self.ready[slot] is not None:
             self.compute_stream.wait_event(self.ready[slot])
         self.current = slot
-        if self.prefetch and upcoming is not None and upcoming.index not in self.holds:
-            before_load(upcoming)
-            self._load(1 - slot, upcoming, tracer, serial=False)
         return slot
 
-    def release(self, slot: int) -> None:
-        """Everything reading the slot has been queued; a later copy into it must wait for that work."""
+    def release(self, slot: int, upcoming: Unit | None, tracer: Tracer, before_load: Callable[[Unit], None]) -> None:
+        """Everything reading the slot has been queued; a later copy into it must wait for that work. With
+        prefetch, `upcoming` then starts copying into the other slot. Only now may the launching thread block
+        on `upcoming`'s host update: the compute just queued keeps the device busy meanwhile."""
         if self.cuda:
             self.free[slot] = torch.cuda.Event()
             self.free[slot].record(self.compute_stream)
+        if self.prefetch and upcoming is not None and upcoming.index not in self.holds:
+            before_load(upcoming)
+            self._load(1 - slot, upcoming, tracer, serial=False)
 
 
 class Executor:
@@ -272,13 +274,15 @@ class Executor:
         # objects for every block, so a cache that outlived one block would hand block i+2 block i's weights.
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _visit(self, order: list[int], k: int) -> tuple[Unit, Unit | None]:
+    @contextlib.contextmanager
+    def _on_device(self, order: list[int], k: int) -> Iterator[nn.Module]:
+        """Block order[k] in a slot while the body queues its compute; then the slot is released and
+        order[k + 1] prefetched into the other one."""
         blocks = self.store.blocks
-        return blocks[order[k]], (blocks[order[k + 1]] if k + 1 < len(order) else None)
-
-    def _acquire(self, unit: Unit, upcoming: Unit | None) -> tuple[int, nn.Module]:
-        slot = self.slots.acquire(unit, upcoming, self.tracer, self.before_load)
-        return slot, self.slots.modules[slot]
+        slot = self.slots.acquire(blocks[order[k]], self.tracer, self.before_load)
+        yield self.slots.modules[slot]
+        upcoming = blocks[order[k + 1]] if k + 1 < len(order) else None
+        self.slots.release(slot, upcoming, self.tracer, self.before_load)
 
     # -- forward only (evaluation) ----------------------------------------------------------------
 
@@ -290,9 +294,8 @@ class Executor:
         with self._autocast():
             h = self.adapter.embed(mb)
             for k in range(len(order)):
-                slot, block = self._acquire(*self._visit(order, k))
-                h = block(h, *args)
-                self.slots.release(slot)
+                with self._on_device(order, k) as block:
+                    h = block(h, *args)
             return self.adapter.head_loss(h, mb)
 
     # -- one step's forward + backward over the micro-batches -------------------------------------
@@ -314,10 +317,9 @@ class Executor:
 
     def _blocks_forward(self, h: torch.Tensor, args: tuple, order: list[int], inputs: list[Any]) -> torch.Tensor:
         for k in range(len(order)):
-            slot, block = self._acquire(*self._visit(order, k))
-            h, saved = self._block_forward(block, h, args, order[k])
+            with self._on_device(order, k) as block:
+                h, saved = self._block_forward(block, h, args, order[k])
             inputs.append(saved)
-            self.slots.release(slot)
         return h
 
     def _block_forward(self, block: nn.Module, h: torch.Tensor, args: tuple, index: int) -> tuple[torch.Tensor, Any]:
@@ -394,9 +396,8 @@ class Executor:
         loss, grad, head_grads = self._head(h, mb, n)
         for k in range(depth):
             i = backward[k]
-            slot, block = self._acquire(*self._visit(backward, k))
-            grad, param_grads = self._block_backward(block, inputs[i], args, grad, i)
-            self.slots.release(slot)
+            with self._on_device(backward, k) as block:
+                grad, param_grads = self._block_backward(block, inputs[i], args, grad, i)
             inputs[i] = None  # type: ignore[call-overload]  # free the activation as soon as it is used
             on_grad(self.store.blocks[i], param_grads, last)
         on_grad(self.store.rest, self._rest_grad(head_grads, self._embed_backward(embedded, grad)), last)
@@ -411,11 +412,10 @@ class Executor:
         hs = [e.detach() for e in embedded]
         forward = list(range(depth))
         for i in forward:
-            slot, block = self._acquire(*self._visit(forward, i))
-            for j in range(n):
-                hs[j], saved = self._block_forward(block, hs[j], args[j], i)
-                inputs[i].append(saved)
-            self.slots.release(slot)
+            with self._on_device(forward, i) as block:
+                for j in range(n):
+                    hs[j], saved = self._block_forward(block, hs[j], args[j], i)
+                    inputs[i].append(saved)
         total = torch.zeros((), device=self.device)
         grads, head_grads = [], []
         for j in range(n):
@@ -426,15 +426,14 @@ class Executor:
         backward = list(reversed(range(depth)))
         for k in range(depth):
             i = backward[k]
-            slot, block = self._acquire(*self._visit(backward, k))
             acc = None
-            for j in range(n):
-                grads[j], param_grads = self._block_backward(block, inputs[i][j], args[j], grads[j], i)
-                if acc is None:  # in fp32 whatever the slot dtype: a bf16 running sum errs ~1.6% at 256 micro-batches
-                    acc = [g.float() for g in param_grads]
-                else:
-                    torch._foreach_add_(acc, param_grads)  # the per-layer sum stays on the device
-            self.slots.release(slot)
+            with self._on_device(backward, k) as block:
+                for j in range(n):
+                    grads[j], param_grads = self._block_backward(block, inputs[i][j], args[j], grads[j], i)
+                    if acc is None:  # fp32 whatever the slot dtype: a bf16 running sum errs ~1.6% at 256 micro-batches
+                        acc = [g.float() for g in param_grads]
+                    else:
+                        torch._foreach_add_(acc, param_grads)  # the per-layer sum stays on the device
             inputs[i] = []
             on_grad(self.store.blocks[i], acc, True)  # one gradient transfer per layer per step
         rest_acc = None

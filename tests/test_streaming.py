@@ -166,6 +166,31 @@ def test_layer_major_sums_bf16_block_gradients_in_fp32():
     assert_states_equal(state_a, state_b)
 
 
+@pytest.mark.parametrize("schedule", ["batch_major", "layer_major"])
+def test_block_compute_is_queued_before_waiting_for_the_next_blocks_update(schedule):
+    """On a GPU, waiting for block i+1's host update before block i's compute is queued paces the device by the
+    host optimizer. The launch order must be: compute i, then wait for (and prefetch) i+1."""
+    engine = make_engine("streaming", 4, schedule=schedule)
+    engine.train_step(batches(0, 2), 1e-3)  # the next step's loads wait for this step's updates
+    order: list[tuple[str, int]] = []
+    slots = engine.executor.slots
+    for k, module in enumerate(slots.modules):
+        module.register_forward_pre_hook(lambda *_, k=k: order.append(("compute", slots.holds[k])))
+    wait = engine.executor.before_load
+
+    def before_load(unit):
+        if unit.index is not None:
+            order.append(("wait", unit.index))
+        wait(unit)
+
+    engine.executor.before_load = before_load
+    engine.train_step(batches(1, 2), 1e-3)
+    assert order[0] == ("wait", 0) and ("wait", 1) in order
+    for previous, event in zip(order, order[1:]):
+        if event[0] == "wait":  # every wait but block 0's follows a queued compute
+            assert previous[0] == "compute", order
+
+
 def test_layer_major_moves_fewer_blocks_than_batch_major():
     loads = {}
     for schedule in ("batch_major", "layer_major"):
