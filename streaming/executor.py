@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import threading
 import time
 import types
@@ -447,12 +448,26 @@ class Executor:
         return total / n
 
 
+def default_host_threads() -> int:
+    """Cores for the host worker's kernels: all but two, left to the thread launching GPU work (and the rest
+    of the process), which would otherwise wait for a core while the optimizer's OpenMP threads hold them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 2)
+
+
 class HostWorker:
     """Runs host-side work (gradient accumulation, norms, updates, reductions) in order on one thread when
-    the device is a GPU, so it overlaps the device; inline on CPU, where the device *is* the host's cores."""
+    the device is a GPU, so it overlaps the device; inline on CPU, where the device *is* the host's cores.
+    `threads`: torch's intra-op threads for that thread's kernels (0: default_host_threads()); torch keeps
+    the count per thread with OpenMP, so the launching thread is unaffected."""
 
-    def __init__(self, threaded: bool) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-store") if threaded else None
+    def __init__(self, threaded: bool, threads: int = 0) -> None:
+        self.threads = threads or default_host_threads()
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-store", initializer=torch.set_num_threads,
+                               initargs=(self.threads,))
+            if threaded else None
+        )  # fmt: skip
 
     def submit(self, fn: Callable[[], Any]) -> Future:
         if self.pool is not None:

@@ -121,9 +121,8 @@ class Unit:
     @torch.no_grad()
     def accumulate(self, grads: list[torch.Tensor]) -> None:
         """Add one micro-batch's per-parameter gradients (on the host). The first is copied, later ones added,
-        which is exactly what autograd does to .grad, so the sums match a resident run bit for bit."""
-        if grads[0].dtype != torch.float32:  # bf16 on the link: widened as it lands
-            grads = [g.float() for g in grads]
+        which is exactly what autograd does to .grad, so the sums match a resident run bit for bit. bf16
+        gradients (from the link) are widened inside the copy/add kernels, exactly, with no fp32 temporary."""
         if self.grad_ready:
             torch._foreach_add_(self.grads, grads)
         else:

@@ -17,11 +17,17 @@ from crystal.streaming.swarm import Swarm
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def resolve_stream_dtype(stream_dtype: str, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.dtype:
-    """auto: bf16 weights on the link when the device computes in bf16 anyway, else fp32."""
-    if stream_dtype == "auto":
+def resolve_link_dtype(setting: str, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """stream_dtype / grad_dtype. auto: bf16 on the link (weights in, gradients out; gradients are summed in
+    fp32 on the host) when a GPU computes in bf16 anyway, else fp32 (a CPU keeps streamed == resident bitwise)."""
+    if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" and autocast_dtype == torch.bfloat16 else torch.float32
-    return DTYPES[stream_dtype]
+    return DTYPES[setting]
+
+
+def resolve_auto(setting: str, device: torch.device) -> bool:
+    """overlap_optimizer / fused_clip: auto is on with CUDA, off on CPU."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 class StreamingEngine:
@@ -37,37 +43,44 @@ class StreamingEngine:
         prefetch: int = 1,
         recompute: bool = True,
         stream_dtype: str = "auto",
-        grad_dtype: str = "fp32",
+        grad_dtype: str = "auto",
         pin_memory: bool = True,
+        staging_buffers: int = 4,
         overlap_optimizer: str = "auto",
+        fused_clip: str = "auto",
+        host_threads: int = 0,
         trace: bool = False,
         swarm: Swarm | None = None,
         check_memory: bool = True,
     ) -> None:
         self.adapter, self.device, self.swarm = adapter, device, swarm
         cuda = device.type == "cuda"
-        weights_dtype = resolve_stream_dtype(stream_dtype, device, autocast_dtype)
+        weights_dtype = resolve_link_dtype(stream_dtype, device, autocast_dtype)
         if weights_dtype != torch.float32 and autocast_dtype != weights_dtype:
             raise ValueError(
                 f"backend.streaming.stream_dtype={stream_dtype} sends bf16 weights, which needs bf16 compute: "
                 "set train.precision=bf16 or backend.streaming.stream_dtype=fp32"
             )
-        self.grad_dtype = DTYPES[grad_dtype]
+        self.grad_dtype = resolve_link_dtype(grad_dtype, device, autocast_dtype)
         self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype,
                                check_memory=check_memory)  # fmt: skip
-        self.optimizer = HostAdamW(self.store, groups, settings)
+        self.optimizer = HostAdamW(self.store, groups, settings, fused_clip=resolve_auto(fused_clip, device))
         self.executor = Executor(
             adapter, self.store, device, schedule=schedule, prefetch=prefetch, compute_dtype=weights_dtype,
             autocast_dtype=autocast_dtype, recompute=recompute, trace=trace,
         )  # fmt: skip
-        self.overlap = overlap_optimizer == "on" or (overlap_optimizer == "auto" and cuda)
-        self.worker = HostWorker(threaded=cuda)
+        self.overlap = resolve_auto(overlap_optimizer, device)
+        self.worker = HostWorker(threaded=cuda, threads=host_threads)
         self.executor.before_load = self._wait_update
         self.updates: dict[int, Future] = {}  # id(unit) -> its pending update of the last step
         self.landed: list[Future] = []  # this step's gradient arrivals on the host
+        # Gradients leave the device through pinned staging buffers; a copy into one waits until the host has
+        # summed what it held, so there are enough to cover the host's work on one block (issue 15's estimate:
+        # 50-100 ms of host sum + norm per 7B block against ~40 ms of GPU backward).
         largest = max(self.store.rest.layout.numel, self.store.block_layout.numel)
-        self.staging = [torch.empty(largest, dtype=self.grad_dtype).pin_memory() for _ in range(2)] if cuda else []
-        self.staging_busy: list[Future | None] = [None, None]
+        self.staging = [torch.empty(largest, dtype=self.grad_dtype, pin_memory=self.store.pinned)
+                        for _ in range(staging_buffers)] if cuda else []  # fmt: skip
+        self.staging_busy: list[Future | None] = [None] * len(self.staging)
         self.staging_next = 0
         self.steps = 0
         self.last_trace: list[dict[str, Any]] = []
@@ -109,9 +122,9 @@ class StreamingEngine:
                 grads = [g.to(self.grad_dtype) for g in grads]
             self.landed.append(self.worker.submit(lambda: self._land(unit, grads, final)))
             return
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.grad_dtype)  # one transfer per block
+        flat = torch.cat([g.reshape(-1).to(self.grad_dtype) for g in grads])  # one transfer per block
         k = self.staging_next
-        self.staging_next ^= 1
+        self.staging_next = (k + 1) % len(self.staging)
         if self.staging_busy[k] is not None:
             self.staging_busy[k].result()  # the host has not yet consumed this staging buffer
         stage = self.staging[k][: flat.numel()]
