@@ -298,6 +298,9 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    # torch.use_deterministic_algorithms: null (auto) = on for CPU (save -> reload -> replay is bitwise), off on a
+    # GPU, where it also fills every torch.empty with NaN (one more write per kernel output); recorded in checkpoints
+    deterministic: bool | None = None
     doc_masking: bool = False  # reset positions and mask attention per packed document
     eval_every: int = 100
     eval_batches: int = 4

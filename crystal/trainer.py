@@ -51,6 +51,7 @@ from crystal.model import CrystalCoder, build_model, group_settings, param_group
 from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec
 from crystal.utils import (
     autocast_dtype,
+    deterministic_mode,
     device_name,
     device_peak_flops,
     git_commit,
@@ -168,8 +169,8 @@ OPERATIONAL_KEYS = {
     "train.resume", "train.stop_after", "train.progress", "train.plots", "train.tensorboard", "train.out_dir",
     "train.run_name", "train.device", "train.eval_every", "train.eval_batches", "train.log_every",
     "train.ckpt_every", "train.ckpt_keep_every", "train.ckpt_keep_last", "train.peak_tflops", "train.max_rollbacks",
-    "train.allow_config_change", "data.num_workers", "data.cache_dir", "data.verify", "data.part_mb",
-    "data.allow_data_change", "model.ops", "model.name", "backend.name",
+    "train.allow_config_change", "train.deterministic", "data.num_workers", "data.cache_dir", "data.verify",
+    "data.part_mb", "data.allow_data_change", "model.ops", "model.name", "backend.name",
 }  # fmt: skip
 
 
@@ -282,7 +283,8 @@ class Trainer:
         self.peak_flops = (
             (t.peak_tflops * 1e12) if t.peak_tflops else device_peak_flops(self.device.type, device_name(self.device))
         )
-        set_determinism(t.seed)
+        self.deterministic = deterministic_mode(t.deterministic, self.device)
+        set_determinism(t.seed, self.deterministic)
 
         if self.swarm and not self.writer:  # rank 0 prepares the data cache, the replicas then read it
             self.swarm.barrier()
@@ -389,6 +391,7 @@ class Trainer:
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "device": device_name(self.device),
+                "deterministic": self.deterministic,
             },  # fmt: skip
         }
 
@@ -556,8 +559,10 @@ class Trainer:
                                f"{counts['heldout']['tokens']} tokens)")  # fmt: skip
         if not lacking:
             return ""
-        return (f"no held-out loss for {', '.join(lacking)}: a source needs at least one {self.seq_len + 1}-token "
-                f"held-out window; raise data.heldout_fraction (now {self.cfg.data.heldout_fraction}) or add data")
+        return (
+            f"no held-out loss for {', '.join(lacking)}: a source needs at least one {self.seq_len + 1}-token "
+            f"held-out window; raise data.heldout_fraction (now {self.cfg.data.heldout_fraction}) or add data"
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss per source and their mixture-weighted mean ("heldout")."""
