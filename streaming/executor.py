@@ -51,8 +51,8 @@ class Tracer:
     CUDA lanes are timed with CUDA events on their stream (resolved at the end of the step); host lanes with
     perf_counter. Both are relative to the step start, so the timeline lines up to within launch latency.
     The host worker records spans while the launching thread ends the step: a lock guards the lists, and
-    end_step hands out a sorted list of its own. A host span still running then (an overlapped update) lands
-    in the next step's timeline, at a negative start when it began before that step."""
+    end_step hands out a sorted list of its own. A host span still running when the next step begins (an
+    overlapped update) lands in that step's timeline, at a negative start."""
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.cuda, self.enabled = device.type == "cuda", enabled
@@ -62,8 +62,8 @@ class Tracer:
         self.step, self.t0 = 0, time.perf_counter()
 
     def begin_step(self, step: int, stream: Any = None) -> None:
-        with self._lock:
-            self.step, self._pending = step, []
+        with self._lock:  # spans that ended between steps (an evaluation's copies) belong to no step
+            self.step, self._pending, self._host = step, [], []
             self.t0 = time.perf_counter()
         if self.enabled and self.cuda:
             self.start = torch.cuda.Event(enable_timing=True)
