@@ -43,10 +43,10 @@ section() {  # section NAME LIMIT_S COMMAND...
 pytest_q=(python -m pytest -q -s -p no:cacheprovider)
 section streaming_8_layer 100 "${pytest_q[@]}" bench/test_streaming.py -k "test_gpu_8_layer"
 section streaming_7b 140 "${pytest_q[@]}" bench/test_streaming.py -k "test_gpu_7b"
-section streaming_host 20 "${pytest_q[@]}" bench/test_streaming.py -k "host_memory_plan or adamw"
-section gpu_tests 70 python -m pytest tests/ -m gpu -q -p no:cacheprovider
+section streaming_host 30 "${pytest_q[@]}" bench/test_streaming.py -k "host_memory_plan or adamw"
+section gpu_tests 65 python -m pytest tests/ -m gpu -q -p no:cacheprovider
 section bench_data 25 python -c "from bench.conftest import prepare_bench_data; prepare_bench_data()"
-section kernels 75 "${pytest_q[@]}" bench/test_attention.py bench/test_rope.py bench/test_swiglu.py \
+section kernels 70 "${pytest_q[@]}" bench/test_attention.py bench/test_rope.py bench/test_swiglu.py \
     bench/test_layernorm.py bench/test_cross_entropy.py bench/test_block.py
 section step_and_checkpoint 25 "${pytest_q[@]}" bench/test_train_step.py bench/test_checkpoint.py
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.csv" 2>/dev/null || true

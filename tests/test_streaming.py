@@ -575,6 +575,20 @@ def test_torchrun_data_parallel_run_matches_one_process(fast_config, tmp_path):
     assert not (tmp_path / "dp" / "replicas").exists() and find_latest(tmp_path / "dp").name == "step-00000003"
 
 
+def test_the_gpu_command_fits_its_budget_streaming_first():
+    """bench/run_gpu.sh must end within 8 minutes on one H100: every section runs under a timeout, the limits
+    (plus 10 s of start-up) add up to no more than the budget it prints, and the streaming benches, the figures
+    most needed, come first."""
+    import re
+
+    script = (REPO / "bench" / "run_gpu.sh").read_text()
+    sections = re.findall(r"^section (\w+) (\d+) ", script, flags=re.M)
+    budget = int(re.search(r"^budget=(\d+)$", script, flags=re.M).group(1))
+    assert budget <= 480 and sections and sum(int(limit) for _, limit in sections) + 10 <= budget
+    assert [name for name, _ in sections][:2] == ["streaming_8_layer", "streaming_7b"]
+    assert 'timeout --kill-after=10 "$limit"' in script and "of the ${budget} s budget" in script
+
+
 # -- GPU (bench/run_gpu.sh runs these): the CUDA path with streams, events, pinned store, bf16 ------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
