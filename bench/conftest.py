@@ -49,6 +49,24 @@ def record(file: str, *, op: str, shape: str, dtype: str, impl: str, ms: float, 
     return row
 
 
+def bench_data_overrides() -> list[str]:
+    """Data settings of the benches that train: the corpus subset the tests use (tests/conftest.py FAST_DATA),
+    prepared in seconds; a step's time is set by the model, not by how much text the corpus holds."""
+    from tests.conftest import FAST_DATA
+
+    return list(FAST_DATA)
+
+
+def prepare_bench_data() -> None:
+    """Prepare (tokenizer, token shards) the benches' data into the cache once: bench/run_gpu.sh's own section,
+    so no bench pays for it and it is never prepared twice."""
+    from crystal.data.prepare import prepare_data
+    from tests.conftest import compose_config
+
+    cfg = compose_config(bench_data_overrides())
+    prepare_data(cfg.data, cfg.model.vocab_size)
+
+
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU runs only the references"
 )

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.conftest import record
-from bench.kernel_bench import COMPILE, DEVICE, ON_GPU, measure, require_gpu, retained_mb
+from bench.kernel_bench import COMPILE, COMPILE_SKIP, DEVICE, ON_GPU, measure, require_gpu, retained_mb
 from crystal.config import ModelConfig
 from crystal.model import Block, build_model
 
@@ -35,7 +35,7 @@ def _maybe_compile(impl, module):
     if impl != "torch_compiled":
         return module
     if not COMPILE:
-        pytest.skip("CRYSTAL_BENCH_COMPILE=0")
+        pytest.skip(COMPILE_SKIP)
     return torch.compile(module)
 
 

@@ -20,15 +20,16 @@ import time
 import pytest
 import torch
 
-from bench.conftest import record
+from bench.conftest import bench_data_overrides, record
 
 
 def _trainer(tmp_path, *overrides: str):
     from crystal.trainer import Trainer
     from tests.conftest import compose_config
 
-    cfg = compose_config(["train.progress=false", "train.plots=false", f"train.out_dir={tmp_path}",
-                          "train.steps=100000", "train.eval_every=100000", *overrides])  # fmt: skip
+    cfg = compose_config([*bench_data_overrides(), "train.progress=false", "train.plots=false",
+                          f"train.out_dir={tmp_path}", "train.steps=100000", "train.eval_every=100000",
+                          *overrides])  # fmt: skip
     return Trainer(cfg, log=lambda *_: None)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.conftest import record
+from bench.conftest import bench_data_overrides, record
 
 
 class PlainBlock(nn.Module):
@@ -71,8 +71,9 @@ def test_trainer_step_vs_plain_loop(model_name, tmp_path):
     from tests.conftest import compose_config
 
     steps = 8
-    cfg = compose_config([f"model={model_name}", "train.progress=false", f"train.out_dir={tmp_path}",
-                          f"train.steps={steps + 2}", "train.eval_every=1000", "train.ckpt_every=1000"])  # fmt: skip
+    cfg = compose_config([*bench_data_overrides(), f"model={model_name}", "train.progress=false",
+                          f"train.out_dir={tmp_path}", f"train.steps={steps + 2}", "train.eval_every=1000",
+                          "train.ckpt_every=1000"])  # fmt: skip
     trainer = Trainer(cfg, log=lambda *_: None)
     rates = [trainer.train_step()["tok_s"] for _ in range(steps + 2)][2:]
     trainer.close()

@@ -14,7 +14,9 @@
 A checkpoint is written into `step-XXXXXXXX.tmp/`, every file fsynced, then renamed; a directory
 counts only if its manifest exists and every hash matches, so kill -9 at any moment leaves the
 previous checkpoint loadable. Tensors are copied off the training state before the write starts,
-so the write runs in a background thread while training goes on (a second save waits for it).
+so the write runs in a background thread while training goes on (a second save waits for it). An engine
+whose state dict is its own host tensors (backend=streaming) skips the copy: it keeps them unchanged until
+the write has read them (hold_state), and the write streams them to disk tensor by tensor.
 
 Retention: "release" checkpoints (every train.ckpt_every steps, step 0 and the last step) are kept
 forever: they bound the released data chunks. "keep" checkpoints (train.ckpt_keep_every) exist for
@@ -31,13 +33,13 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from crystal.errors import CheckpointError
 from crystal.tokenizer import file_sha256
@@ -101,6 +103,68 @@ def snapshot(
     return out
 
 
+# safetensors' dtype names, in the order of its Dtype enum: it lays tensors out by that order, largest first
+# (alignment), then by name. Writing the same layout keeps the bytes (and hashes) what save_file writes.
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+              torch.int64: "I64"}  # fmt: skip
+_ST_RANK = {dt: i for i, dt in enumerate(_ST_DTYPES)}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+                 ) -> None:  # fmt: skip
+    """A safetensors file written tensor by tensor straight from `tensors` (views of larger buffers included):
+    no copy of the whole state in memory, whatever the installed safetensors (before 0.8 its save_file turned
+    every tensor into bytes first: a second full copy, 79 GB at 7B). The same bytes as safetensors' save_file."""
+    order = sorted(tensors, key=lambda k: (-_ST_RANK[tensors[k].dtype], k))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for k in order:
+            t = tensors[k].detach().to("cpu").contiguous()  # a no-op for the host tensors a checkpoint holds
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+class LazyTensors(Mapping):
+    """A safetensors file's tensors, each read from the file when asked for, with plain reads (no memory map, so
+    nothing of the file counts as the process's memory): a resume of the 7B streaming store copies tensor by
+    tensor into the store instead of first holding a second 79 GB copy of it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self._data_start, self._header = 8 + n, header
+        self._dtypes = {name: dt for dt, name in _ST_DTYPES.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=self._dtypes[info["dtype"]])
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                raise CheckpointError(f"{self.path} is truncated at tensor {key}; use an earlier checkpoint")
+        return out
+
+    def __iter__(self):
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+
 def tensor_bytes(tensors: dict[str, dict[str, torch.Tensor]]) -> int:
     return sum(v.numel() * v.element_size() for items in tensors.values() for v in items.values())
 
@@ -144,7 +208,7 @@ def write_checkpoint(
         tmp.mkdir(parents=True)
         for group in TENSOR_FILES:
             meta_st = {"format": str(FORMAT_VERSION)}
-            save_file(tensors.get(group, {}), str(tmp / f"{group}.safetensors"), metadata=meta_st)
+            save_tensors(tensors.get(group, {}), tmp / f"{group}.safetensors", metadata=meta_st)
         (tmp / "trainer.json").write_text(json.dumps(meta, sort_keys=True))
         (tmp / "config.yaml").write_text(config_yaml)
         for name, content in (extra_files or {}).items():
@@ -199,13 +263,16 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, verify: bool = True, lazy: bool = False) -> Checkpoint:
+    """lazy: each tensor is read from its file when first asked for (LazyTensors), for a caller that copies
+    them one at a time into memory of its own (the streaming store)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if verify:
         verify_checkpoint(path)
-    tensors = {g: load_file(str(path / f"{g}.safetensors")) for g in TENSOR_FILES}
+    read = LazyTensors if lazy else lambda p: load_file(str(p))
+    tensors = {g: read(path / f"{g}.safetensors") for g in TENSOR_FILES}
     return Checkpoint(path, tensors, load_meta(path), (path / "config.yaml").read_text())
 
 
@@ -370,14 +437,18 @@ class AsyncCheckpointer:
 
     def save(
         self, run_dir: Path, step: int, tensors, meta, config_yaml: str, blocking: bool = False,
-        kind: str = RELEASE, extra_files: dict | None = None,
+        kind: str = RELEASE, extra_files: dict | None = None, copy: bool = True,
     ) -> None:  # fmt: skip
+        """copy=False: write `tensors` as they are, no snapshot; the caller keeps them unchanged until join()."""
         self.wait()
         t0 = time.perf_counter()
         root = Path(run_dir) / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         check_free_space(root, tensor_bytes(tensors) + (1 << 20))
-        snap = self._buffers = snapshot(tensors, into=self._buffers)
+        if copy:
+            snap = self._buffers = snapshot(tensors, into=self._buffers)
+        else:
+            snap, self._buffers = tensors, None  # the caller's own tensors: never buffers to copy into later
         self.last_stall_s = time.perf_counter() - t0
 
         def work() -> None:
@@ -394,6 +465,12 @@ class AsyncCheckpointer:
         self._thread.start()
         if blocking:
             self.wait()
+
+    def join(self) -> None:
+        """Block until the running write (if any) has finished; its error, if any, is left for poll()/wait()."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def poll(self) -> None:
         """Raise now if a finished background write failed; never blocks."""

@@ -298,6 +298,9 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    # torch.use_deterministic_algorithms: null (auto) = on for CPU (save -> reload -> replay is bitwise), off on a
+    # GPU, where it also fills every torch.empty with NaN (one more write per kernel output); recorded in checkpoints
+    deterministic: bool | None = None
     doc_masking: bool = False  # reset positions and mask attention per packed document
     eval_every: int = 100
     eval_batches: int = 4
@@ -432,22 +435,37 @@ class StreamingConfig:
     # true: only block inputs kept, internals recomputed in backward (activation memory flat in depth, one more
     # block forward); false: every block's internals kept as resident training keeps them, weights still streamed
     recompute: bool = True
-    stream_dtype: str = "auto"  # weights sent to the device: auto (bf16 under bf16 autocast, else fp32) | fp32 | bf16
-    grad_dtype: str = "fp32"  # gradients sent back: fp32 | bf16
+    stream_dtype: str = (
+        "auto"  # weights sent to the device: auto (bf16 under bf16 autocast on CUDA, else fp32) | fp32 | bf16
+    )
+    # gradients sent back, summed in fp32 on the host: auto (bf16 under bf16 autocast on CUDA, else fp32) | fp32 | bf16
+    grad_dtype: str = "auto"
     pin_memory: bool = True  # page-locked host store when CUDA is present (falls back to pageable with a warning)
+    # CUDA: pinned buffers gradients go D2H through; a copy waits until the host has summed the buffer's last
+    # contents, so enough of them cover the host's work on one block while the device goes on
+    staging_buffers: int = 4
     overlap_optimizer: str = "auto"  # host AdamW of step t overlaps step t+1's forward: auto (on CUDA) | on | off
+    # the clip factor inside the fused AdamW kernel (one pass over the gradients fewer; last-bit differences from
+    # backend=resident): auto (on CUDA; off on CPU, where streamed == resident bit for bit) | on | off
+    fused_clip: str = "auto"
+    host_threads: int = 0  # CUDA: torch threads of the host optimizer; 0 = cores - 2 (leaves the launcher a core)
     trace: bool = False  # record per-lane timings (<run>/streaming_trace.json, Chrome/Perfetto format)
 
     def __post_init__(self) -> None:
         choices = {
             "schedule": ("batch_major", "layer_major"), "stream_dtype": ("auto", "fp32", "bf16"),
-            "grad_dtype": ("fp32", "bf16"), "overlap_optimizer": ("auto", "on", "off"),
+            "grad_dtype": ("auto", "fp32", "bf16"), "overlap_optimizer": ("auto", "on", "off"),
+            "fused_clip": ("auto", "on", "off"),
         }  # fmt: skip
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"backend.streaming.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
         if self.prefetch not in (0, 1):
             raise ValueError(f"backend.streaming.prefetch={self.prefetch}: use 0 (no prefetch) or 1 (double buffer)")
+        if self.staging_buffers < 1:
+            raise ValueError(f"backend.streaming.staging_buffers={self.staging_buffers} must be >= 1 (default 4)")
+        if self.host_threads < 0:
+            raise ValueError(f"backend.streaming.host_threads={self.host_threads} must be >= 0 (0 = cores - 2)")
 
 
 @dataclass

@@ -51,6 +51,7 @@ from crystal.model import CrystalCoder, build_model, group_settings, param_group
 from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec
 from crystal.utils import (
     autocast_dtype,
+    deterministic_mode,
     device_name,
     device_peak_flops,
     git_commit,
@@ -168,8 +169,8 @@ OPERATIONAL_KEYS = {
     "train.resume", "train.stop_after", "train.progress", "train.plots", "train.tensorboard", "train.out_dir",
     "train.run_name", "train.device", "train.eval_every", "train.eval_batches", "train.log_every",
     "train.ckpt_every", "train.ckpt_keep_every", "train.ckpt_keep_last", "train.peak_tflops", "train.max_rollbacks",
-    "train.allow_config_change", "data.num_workers", "data.cache_dir", "data.verify", "data.part_mb",
-    "data.allow_data_change", "model.ops", "model.name", "backend.name",
+    "train.allow_config_change", "train.deterministic", "data.num_workers", "data.cache_dir", "data.verify",
+    "data.part_mb", "data.allow_data_change", "model.ops", "model.name", "backend.name",
 }  # fmt: skip
 
 
@@ -273,16 +274,15 @@ class Trainer:
         if self.seq_len > cfg.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
         if cfg.backend.name == "streaming":  # refuse before touching disk or allocating
-            from crystal.streaming.store import check_host_memory
-
-            check_host_memory(cfg.model.num_params())
+            self._check_host_memory()
         if self.writer:
             self._check_run_dir()
         # The CPU peak probe draws random matrices: done before seeding so it never shifts the RNG streams.
         self.peak_flops = (
             (t.peak_tflops * 1e12) if t.peak_tflops else device_peak_flops(self.device.type, device_name(self.device))
         )
-        set_determinism(t.seed)
+        self.deterministic = deterministic_mode(t.deterministic, self.device)
+        set_determinism(t.seed, self.deterministic)
 
         if self.swarm and not self.writer:  # rank 0 prepares the data cache, the replicas then read it
             self.swarm.barrier()
@@ -322,6 +322,22 @@ class Trainer:
         self._fresh = not list_checkpoints(self.run_dir)  # decided by every replica before rank 0 writes one
         if self.swarm:
             self.swarm.barrier()
+
+    def _check_host_memory(self) -> None:
+        """The figure the streaming engine checks again before it allocates: its plan for this model and these
+        settings, from the shapes of a one-block model on the meta device."""
+        from dataclasses import replace
+
+        from crystal.streaming.backends.streaming import engine_host_plan
+        from crystal.streaming.store import check_host_memory, unit_numels
+
+        s, m = self.cfg.backend.streaming, self.cfg.model
+        one = build_model(replace(m, n_layer=1), device="meta")  # the blocks are identical: depth is a count
+        rest, block, _ = unit_numels(one, one.blocks)
+        self.host_plan = engine_host_plan((rest, block, m.n_layer), self.device, self.amp, stream_dtype=s.stream_dtype,
+                                          grad_dtype=s.grad_dtype, pin_memory=s.pin_memory,
+                                          staging_buffers=s.staging_buffers)  # fmt: skip
+        check_host_memory(self.host_plan)
 
     def _join_swarm(self):
         """Under torchrun with WORLD_SIZE > 1: SwarmX data parallel (backend=streaming only)."""
@@ -389,6 +405,7 @@ class Trainer:
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "device": device_name(self.device),
+                "deterministic": self.deterministic,
             },  # fmt: skip
         }
 
@@ -416,8 +433,13 @@ class Trainer:
                          ckpt_kind=kind, ends_chunk=ends_chunk)  # fmt: skip
         meta = {**self.state_dict(), "ends_chunk": ends_chunk}
         if self.writer:  # replicas hold the same state: only rank 0 snapshots and writes it
+            # An engine whose state dict is its own host tensors (streaming: the 7B store is 110 GiB, no room for
+            # a copy) holds them unchanged until the background write has read them, instead of a snapshot.
+            hold = getattr(self.engine, "hold_state", None)
             self.checkpointer.save(self.run_dir, self.step, self.engine.state_dict(), meta, self.config_yaml,
-                                   blocking=blocking, kind=kind, extra_files=extra)  # fmt: skip
+                                   blocking=blocking, kind=kind, extra_files=extra, copy=hold is None)  # fmt: skip
+            if hold is not None:
+                hold(self.checkpointer.join)
 
     def _ending_chunk(self) -> int | None:
         """The chunk a release checkpoint now would end; None when no step ran since the last one."""
@@ -431,13 +453,18 @@ class Trainer:
         steps, loader = [first_step, self.step], self.loader
         return lambda: json.dumps(chunk_record(loader, chunk, start, end, excluded, steps), indent=1, sort_keys=True)
 
+    def _load_checkpoint(self, path: Path):
+        # The streaming store copies a checkpoint in tensor by tensor: read each from disk as it is asked for, as
+        # a whole second copy of the 7B state (79 GB) does not fit beside the store on a 128 GB host.
+        return load_checkpoint(path, lazy=self.cfg.backend.name == "streaming")
+
     def resume(self, resume: str) -> None:
         skipped: list[tuple[Path, CheckpointError]] = []
         path = resolve_resume(resume, self.run_dir, skipped)
         if path is None:
             self.log(f"train.resume={resume}: {self.run_dir} has no valid checkpoint yet; starting from scratch")
             return
-        ckpt = load_checkpoint(path)
+        ckpt = self._load_checkpoint(path)
         meta = ckpt.meta
         for bad, error in skipped:  # the fallback stays, but never silently
             self.log(f"train.resume={resume}: skipped {bad.name} ({error}); resuming from {path.name} at step "
@@ -603,7 +630,7 @@ class Trainer:
         windows, rollbacks = [*self.skipped_windows, window], self.rollbacks + 1
         from_step, from_tokens = self.step, self.tokens
         moved = move_aside(self.run_dir, step_of(target), f"rolled-back-{rollbacks}")
-        ckpt = load_checkpoint(target)
+        ckpt = self._load_checkpoint(target)
         self.engine.load_state_dict(ckpt.tensors)
         self.load_state_dict(ckpt.meta)
         for a, b in [*excluded, fault.samples]:

@@ -36,6 +36,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"train.precision={precision!r}: use auto, bf16 or fp32")
 
 
+def deterministic_mode(setting: bool | None, device: torch.device) -> bool:
+    """train.deterministic: null means on for CPU (bitwise replay is the default there), off on a GPU (deterministic
+    kernels cost time and fill uninitialised memory with NaN)."""
+    return setting if setting is not None else device.type != "cuda"
+
+
 def set_determinism(seed: int, deterministic: bool = True) -> None:
     """Seed every RNG; with `deterministic`, ask torch for deterministic kernels (warn, do not fail)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

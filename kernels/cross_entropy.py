@@ -11,7 +11,8 @@ Shapes: x (N, C), W (V, C), targets (N,) integers; loss scalar fp32.
 
 Per chunk of tokens: logits (chunk, V) = x_chunk W^T on cuBLAS, then one Triton program per row
 makes two passes over V in fp32 (online max/sum for the log-sum-exp, then the gradient written over
-the logits in place), then dx_chunk = dlogits W and dW += dlogits^T x_chunk on cuBLAS. Only one
+the logits in place), then dx_chunk = dlogits W and dW += dlogits^T x_chunk on cuBLAS, dW summed in fp32
+and cast to W's dtype once at the end. Only one
 chunk of logits is alive at a time; the chunk is sized so it holds about as many elements as x.
 The backward only multiplies the stored dx, dW by the incoming scalar gradient.
 n_valid stays on the device (no host sync); a batch with every target ignored gives loss 0.
@@ -74,6 +75,8 @@ def _ce_rows_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launcher
 
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")  # 16-bit matmul with an fp32 output
+
 
 def _check(x, weight, targets) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != (x.shape[0],):
@@ -108,7 +111,9 @@ def linear_cross_entropy_forward(
     loss_rows = torch.zeros(n, dtype=torch.float32, device=x.device)
     n_valid = (targets != ignore_index).sum()  # stays on the device
     grad_x = torch.empty((n, c) if compute_grad else (0,), dtype=x.dtype, device=x.device)
-    grad_w = torch.empty((v, c) if compute_grad else (0,), dtype=weight.dtype, device=x.device)
+    # dW sums over every chunk: in fp32, cast once at the end. A 16-bit running sum would round after every
+    # chunk, an error that grows with the number of chunks (hundreds at 7B batch sizes).
+    grad_w = torch.empty((v, c) if compute_grad else (0,), dtype=torch.float32, device=x.device)
     chunk = chunk_size or default_chunk_size(n, v, c)
     block_v = min(triton.next_power_of_2(v), 8192 if INTERPRET else 4096)
     for start in range(0, n, chunk):
@@ -121,11 +126,23 @@ def linear_cross_entropy_forward(
         )  # fmt: skip
         if compute_grad:  # logits now hold d loss / d (x W^T)
             torch.mm(logits, weight, out=grad_x[start:end])
-            if start == 0:
-                torch.mm(logits.t(), x_chunk, out=grad_w)
-            else:
-                grad_w.addmm_(logits.t(), x_chunk)
-    return loss_rows.sum(), grad_x, grad_w
+            _accumulate_grad_w(grad_w, logits.t(), x_chunk, first=start == 0)
+    return loss_rows.sum(), grad_x, grad_w.to(weight.dtype)
+
+
+def _accumulate_grad_w(grad_w: torch.Tensor, dlogits_t: torch.Tensor, x_chunk: torch.Tensor, first: bool) -> None:
+    """grad_w (V, C) fp32 (+)= dlogits_t (V, chunk) @ x_chunk (chunk, C). 16-bit inputs: on CUDA the matmul
+    writes fp32 directly (addmm's out_dtype, torch >= 2.8; the tensor cores accumulate in fp32 anyway);
+    elsewhere the inputs are widened (exactly) and multiplied in fp32: the same products, summed in fp32."""
+    if dlogits_t.dtype != torch.float32:
+        if dlogits_t.is_cuda and _ADDMM_OUT_DTYPE:
+            torch.addmm(grad_w, dlogits_t, x_chunk, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=grad_w)
+            return
+        dlogits_t, x_chunk = dlogits_t.float(), x_chunk.float()
+    if first:
+        torch.mm(dlogits_t, x_chunk, out=grad_w)
+    else:
+        grad_w.addmm_(dlogits_t, x_chunk)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -47,17 +49,22 @@ class Tracer:
     """Per-lane timings of a step (compute, h2d, d2h, optimizer, reduce) as trace events.
 
     CUDA lanes are timed with CUDA events on their stream (resolved at the end of the step); host lanes with
-    perf_counter. Both are relative to the step start, so the timeline lines up to within launch latency."""
+    perf_counter. Both are relative to the step start, so the timeline lines up to within launch latency.
+    The host worker records spans while the launching thread ends the step: a lock guards the lists, and
+    end_step hands out a sorted list of its own. A host span still running when the next step begins (an
+    overlapped update) lands in that step's timeline, at a negative start."""
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.cuda, self.enabled = device.type == "cuda", enabled
-        self.events: list[dict[str, Any]] = []
-        self._pending: list[tuple] = []
+        self._host: list[tuple] = []  # (lane, name, block, perf_counter start, duration)
+        self._pending: list[tuple] = []  # CUDA spans: (lane, name, block, begin event, end event)
+        self._lock = threading.Lock()
         self.step, self.t0 = 0, time.perf_counter()
 
     def begin_step(self, step: int, stream: Any = None) -> None:
-        self.step, self.events, self._pending = step, [], []
-        self.t0 = time.perf_counter()
+        with self._lock:  # spans that ended between steps (an evaluation's copies) belong to no step
+            self.step, self._pending, self._host = step, [], []
+            self.t0 = time.perf_counter()
         if self.enabled and self.cuda:
             self.start = torch.cuda.Event(enable_timing=True)
             self.start.record(stream)
@@ -72,23 +79,28 @@ class Tracer:
             begin.record(stream)
             yield
             end.record(stream)
-            self._pending.append((lane, name, block, begin, end))
+            with self._lock:
+                self._pending.append((lane, name, block, begin, end))
             return
         t = time.perf_counter()
         yield
-        self.events.append(self._event(lane, name, block, t - self.t0, time.perf_counter() - t))
+        done = time.perf_counter()
+        with self._lock:
+            self._host.append((lane, name, block, t, done - t))
 
     def _event(self, lane: str, name: str, block: int | None, start: float, dur: float) -> dict[str, Any]:
         return {"lane": lane, "name": name, "start_s": start, "dur_s": dur, "block": block, "step": self.step}
 
     def end_step(self) -> list[dict[str, Any]]:
-        for lane, name, block, begin, end in self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            host, self._host = self._host, []
+        events = [self._event(lane, name, block, t - self.t0, dur) for lane, name, block, t, dur in host]
+        for lane, name, block, begin, end in pending:
             end.synchronize()
             start = self.start.elapsed_time(begin) / 1e3
-            self.events.append(self._event(lane, name, block, start, begin.elapsed_time(end) / 1e3))
-        self._pending = []
-        self.events.sort(key=lambda e: e["start_s"])
-        return self.events
+            events.append(self._event(lane, name, block, start, begin.elapsed_time(end) / 1e3))
+        return sorted(events, key=lambda e: e["start_s"])
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -186,9 +198,9 @@ class DeviceSlots:
         self.holds[slot] = unit.index
         self.loads += 1
 
-    def acquire(self, unit: Unit, upcoming: Unit | None, tracer: Tracer, before_load: Callable[[Unit], None]) -> int:
-        """The slot holding `unit`'s weights, ready for compute on the compute stream. With prefetch, also
-        start copying `upcoming` into the other slot. `before_load(u)` waits until u's update is done."""
+    def acquire(self, unit: Unit, tracer: Tracer, before_load: Callable[[Unit], None]) -> int:
+        """The slot holding `unit`'s weights, ready for compute on the compute stream (copied now, after
+        `before_load(unit)` has waited for its update, unless a prefetch brought it already)."""
         if unit.index in self.holds:
             slot = self.holds.index(unit.index)
         else:
@@ -198,16 +210,18 @@ class DeviceSlots:
         if self.cuda and self.ready[slot] is not None:
             self.compute_stream.wait_event(self.ready[slot])
         self.current = slot
-        if self.prefetch and upcoming is not None and upcoming.index not in self.holds:
-            before_load(upcoming)
-            self._load(1 - slot, upcoming, tracer, serial=False)
         return slot
 
-    def release(self, slot: int) -> None:
-        """Everything reading the slot has been queued; a later copy into it must wait for that work."""
+    def release(self, slot: int, upcoming: Unit | None, tracer: Tracer, before_load: Callable[[Unit], None]) -> None:
+        """Everything reading the slot has been queued; a later copy into it must wait for that work. With
+        prefetch, `upcoming` then starts copying into the other slot. Only now may the launching thread block
+        on `upcoming`'s host update: the compute just queued keeps the device busy meanwhile."""
         if self.cuda:
             self.free[slot] = torch.cuda.Event()
             self.free[slot].record(self.compute_stream)
+        if self.prefetch and upcoming is not None and upcoming.index not in self.holds:
+            before_load(upcoming)
+            self._load(1 - slot, upcoming, tracer, serial=False)
 
 
 class Executor:
@@ -257,15 +271,19 @@ class Executor:
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # No cast cache: autocast keys it by parameter identity and the two slots reuse the same parameter
+        # objects for every block, so a cache that outlived one block would hand block i+2 block i's weights.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _visit(self, order: list[int], k: int) -> tuple[Unit, Unit | None]:
+    @contextlib.contextmanager
+    def _on_device(self, order: list[int], k: int) -> Iterator[nn.Module]:
+        """Block order[k] in a slot while the body queues its compute; then the slot is released and
+        order[k + 1] prefetched into the other one."""
         blocks = self.store.blocks
-        return blocks[order[k]], (blocks[order[k + 1]] if k + 1 < len(order) else None)
-
-    def _acquire(self, unit: Unit, upcoming: Unit | None) -> tuple[int, nn.Module]:
-        slot = self.slots.acquire(unit, upcoming, self.tracer, self.before_load)
-        return slot, self.slots.modules[slot]
+        slot = self.slots.acquire(blocks[order[k]], self.tracer, self.before_load)
+        yield self.slots.modules[slot]
+        upcoming = blocks[order[k + 1]] if k + 1 < len(order) else None
+        self.slots.release(slot, upcoming, self.tracer, self.before_load)
 
     # -- forward only (evaluation) ----------------------------------------------------------------
 
@@ -277,9 +295,8 @@ class Executor:
         with self._autocast():
             h = self.adapter.embed(mb)
             for k in range(len(order)):
-                slot, block = self._acquire(*self._visit(order, k))
-                h = block(h, *args)
-                self.slots.release(slot)
+                with self._on_device(order, k) as block:
+                    h = block(h, *args)
             return self.adapter.head_loss(h, mb)
 
     # -- one step's forward + backward over the micro-batches -------------------------------------
@@ -301,10 +318,9 @@ class Executor:
 
     def _blocks_forward(self, h: torch.Tensor, args: tuple, order: list[int], inputs: list[Any]) -> torch.Tensor:
         for k in range(len(order)):
-            slot, block = self._acquire(*self._visit(order, k))
-            h, saved = self._block_forward(block, h, args, order[k])
+            with self._on_device(order, k) as block:
+                h, saved = self._block_forward(block, h, args, order[k])
             inputs.append(saved)
-            self.slots.release(slot)
         return h
 
     def _block_forward(self, block: nn.Module, h: torch.Tensor, args: tuple, index: int) -> tuple[torch.Tensor, Any]:
@@ -381,9 +397,8 @@ class Executor:
         loss, grad, head_grads = self._head(h, mb, n)
         for k in range(depth):
             i = backward[k]
-            slot, block = self._acquire(*self._visit(backward, k))
-            grad, param_grads = self._block_backward(block, inputs[i], args, grad, i)
-            self.slots.release(slot)
+            with self._on_device(backward, k) as block:
+                grad, param_grads = self._block_backward(block, inputs[i], args, grad, i)
             inputs[i] = None  # type: ignore[call-overload]  # free the activation as soon as it is used
             on_grad(self.store.blocks[i], param_grads, last)
         on_grad(self.store.rest, self._rest_grad(head_grads, self._embed_backward(embedded, grad)), last)
@@ -398,11 +413,10 @@ class Executor:
         hs = [e.detach() for e in embedded]
         forward = list(range(depth))
         for i in forward:
-            slot, block = self._acquire(*self._visit(forward, i))
-            for j in range(n):
-                hs[j], saved = self._block_forward(block, hs[j], args[j], i)
-                inputs[i].append(saved)
-            self.slots.release(slot)
+            with self._on_device(forward, i) as block:
+                for j in range(n):
+                    hs[j], saved = self._block_forward(block, hs[j], args[j], i)
+                    inputs[i].append(saved)
         total = torch.zeros((), device=self.device)
         grads, head_grads = [], []
         for j in range(n):
@@ -413,15 +427,14 @@ class Executor:
         backward = list(reversed(range(depth)))
         for k in range(depth):
             i = backward[k]
-            slot, block = self._acquire(*self._visit(backward, k))
             acc = None
-            for j in range(n):
-                grads[j], param_grads = self._block_backward(block, inputs[i][j], args[j], grads[j], i)
-                if acc is None:
-                    acc = param_grads
-                else:
-                    torch._foreach_add_(acc, param_grads)  # the per-layer sum stays on the device
-            self.slots.release(slot)
+            with self._on_device(backward, k) as block:
+                for j in range(n):
+                    grads[j], param_grads = self._block_backward(block, inputs[i][j], args[j], grads[j], i)
+                    if acc is None:  # fp32 whatever the slot dtype: a bf16 running sum errs ~1.6% at 256 micro-batches
+                        acc = [g.float() for g in param_grads]
+                    else:
+                        torch._foreach_add_(acc, param_grads)  # the per-layer sum stays on the device
             inputs[i] = []
             on_grad(self.store.blocks[i], acc, True)  # one gradient transfer per layer per step
         rest_acc = None
@@ -435,12 +448,26 @@ class Executor:
         return total / n
 
 
+def default_host_threads() -> int:
+    """Cores for the host worker's kernels: all but two, left to the thread launching GPU work (and the rest
+    of the process), which would otherwise wait for a core while the optimizer's OpenMP threads hold them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 2)
+
+
 class HostWorker:
     """Runs host-side work (gradient accumulation, norms, updates, reductions) in order on one thread when
-    the device is a GPU, so it overlaps the device; inline on CPU, where the device *is* the host's cores."""
+    the device is a GPU, so it overlaps the device; inline on CPU, where the device *is* the host's cores.
+    `threads`: torch's intra-op threads for that thread's kernels (0: default_host_threads()); torch keeps
+    the count per thread with OpenMP, so the launching thread is unaffected."""
 
-    def __init__(self, threaded: bool) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-store") if threaded else None
+    def __init__(self, threaded: bool, threads: int = 0) -> None:
+        self.threads = threads or default_host_threads()
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-store", initializer=torch.set_num_threads,
+                               initargs=(self.threads,))
+            if threaded else None
+        )  # fmt: skip
 
     def submit(self, fn: Callable[[], Any]) -> Future:
         if self.pool is not None:

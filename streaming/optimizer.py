@@ -3,12 +3,13 @@
 Phase 1, as a block's gradients become final (while the device still works on earlier blocks): the
 per-parameter gradient norms of that block. Phase 2, once every norm is in: the global clip factor is one
 scalar, and each block's update applies it inside the update (scale the gradient, then the fused AdamW
-kernel). Phase 2 runs block by block in forward order, so on a GPU the update of block i overlaps the next
-step's forward of blocks < i; only the first block's update is exposed at the step boundary.
+kernel; with fused_clip the kernel's grad_scale does the scaling). Phase 2 runs block by block in forward
+order, so on a GPU the update of block i overlaps the next step's forward of blocks < i; only the first
+block's update is exposed at the step boundary.
 
 The update is torch's own fused CPU AdamW kernel (`torch._fused_adamw_`, vectorised and multi-threaded
 with at::parallel_for) called per block and muP group, and the norms are computed with the same ops as
-torch.nn.utils.clip_grad_norm_, so a streamed step equals a resident step bit for bit.
+torch.nn.utils.clip_grad_norm_, so a streamed step equals a resident step bit for bit (fused_clip off).
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ class _Group:
 
 
 class HostAdamW:
-    def __init__(self, store: HostStore, groups: list[ParamGroupSpec], settings: AdamWSettings) -> None:
-        self.store, self.settings = store, settings
+    """`fused_clip`: hand the clip factor to the fused AdamW kernel (as grad_scale = 1 / clip, one pass over the
+    gradients fewer) instead of scaling the gradients first as clip_grad_norm_ does. Dividing by 1 / clip rounds
+    differently from multiplying by clip, so this gives up bitwise parity with the resident engine."""
+
+    def __init__(self, store: HostStore, groups: list[ParamGroupSpec], settings: AdamWSettings,
+                 fused_clip: bool = False) -> None:  # fmt: skip
+        self.store, self.settings, self.fused_clip = store, settings, fused_clip
         group_of: dict[str, tuple[int, ParamGroupSpec]] = {}
         order: list[str] = []  # every parameter in the order torch's AdamW over the same groups sees them
         for gi, g in enumerate(groups):
@@ -73,8 +79,12 @@ class HostAdamW:
 
     @torch.no_grad()
     def update(self, unit: Unit, lr: float, clip: torch.Tensor) -> None:
+        grad_scale = None
         if clip.item() < 1.0:  # x * 1.0 == x exactly: an unclipped step skips a pass over the gradients
-            torch._foreach_mul_(unit.grads, clip)
+            if self.fused_clip:
+                grad_scale = 1.0 / clip
+            else:
+                torch._foreach_mul_(unit.grads, clip)
         beta1, beta2 = self.settings.betas
         for g in self.unit_groups[id(unit)]:
             steps = [unit.steps[k] for k in g.members]
@@ -83,7 +93,7 @@ class HostAdamW:
                 [unit.params[k] for k in g.members], [unit.grads[k] for k in g.members],
                 [unit.exp_avgs[k] for k in g.members], [unit.exp_avg_sqs[k] for k in g.members], [], steps,
                 amsgrad=False, lr=lr * g.lr_scale, beta1=beta1, beta2=beta2, weight_decay=g.weight_decay,
-                eps=self.settings.eps, maximize=False, grad_scale=None, found_inf=None,
+                eps=self.settings.eps, maximize=False, grad_scale=grad_scale, found_inf=None,
             )  # fmt: skip
         unit.refresh_shadow()
         unit.zero_grad()

@@ -8,6 +8,7 @@ views of the master buffers, so the module, the store and a checkpoint always ag
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,23 +36,78 @@ def host_memory_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def store_bytes(num_params: int, stream_dtype: torch.dtype = torch.float32) -> int:
-    """fp32 master + Adam m + Adam v + fp32 grad accumulator, plus a half-precision shadow when streaming
-    bf16 (so the link carries 2 bytes per weight and the cast is done once per update, on the host)."""
-    shadow = 2 if stream_dtype != torch.float32 else 0
-    return num_params * (4 * 4 + shadow)
+def pinned_size(nbytes: int) -> int:
+    """What one pinned allocation of `nbytes` really takes: torch's caching host allocator rounds every request
+    up to a power of two (at 7B a 403 MB bf16 block shadow holds 512 MiB)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
-def check_host_memory(num_params: int, stream_dtype: torch.dtype = torch.float32, already_held: int = 0) -> int:
-    """Refuse, before allocating, a store the host cannot hold. `already_held`: bytes of the model that
-    the store will reuse (its fp32 weights). Returns the bytes needed."""
-    needed = store_bytes(num_params, stream_dtype)
-    available = host_memory_available() + already_held
+def plan_host_memory(
+    rest_numel: int,
+    block_numel: int,
+    n_blocks: int,
+    *,
+    stream_dtype: torch.dtype = torch.float32,
+    grad_dtype: torch.dtype = torch.float32,
+    pinned: bool = False,
+    staging_buffers: int = 0,
+) -> dict[str, int]:
+    """Bytes of host memory a streaming engine allocates, by what holds them (their sum is what
+    check_host_memory checks). Per parameter: fp32 master, Adam m, v and gradient accumulator; per block
+    parameter a shadow in `stream_dtype` when that is not fp32 (the link then carries 2 bytes per weight and the
+    cast is done once per update, on the host). Pinned (when `pinned`): what the device copies from (a block's
+    shadow, else its master; the rest's master) and the `staging_buffers` gradient buffers, each as large as
+    the largest unit in `grad_dtype`; each pinned allocation is rounded up as torch's host allocator does.
+    Checkpoints are written from the store's own tensors: no buffers of their own."""
+    params = rest_numel + n_blocks * block_numel
+    shadow = torch.empty((), dtype=stream_dtype).element_size() if stream_dtype != torch.float32 else 0
+    staging = max(rest_numel, block_numel) * torch.empty((), dtype=grad_dtype).element_size()
+    pinned_allocs = [rest_numel * 4] + [block_numel * (shadow or 4)] * n_blocks + [staging] * staging_buffers
+    return {
+        "fp32 master": params * 4,
+        "Adam m": params * 4,
+        "Adam v": params * 4,
+        "fp32 grad accumulators": params * 4,
+        "block shadow (stream dtype)": n_blocks * block_numel * shadow,
+        "gradient staging buffers": staging_buffers * staging,
+        "pinned rounding": sum(pinned_size(b) - b for b in pinned_allocs) if pinned else 0,
+        "checkpoint buffers": 0,
+    }
+
+
+def unit_numels(model: nn.Module, blocks: nn.ModuleList) -> tuple[int, int, int]:
+    """(parameters outside the blocks, parameters of one block, blocks) as the store lays them out; a model on
+    the meta device will do, so a plan costs no memory."""
+    block_ids = {id(p) for p in blocks.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in block_ids)  # tied weights count once
+    return rest, sum(p.numel() for p in blocks[0].parameters()), len(blocks)
+
+
+def release_cached_pinned_memory() -> None:
+    """Hand back pinned blocks torch's host allocator keeps cached after their tensors died (an earlier engine's
+    store in this process): MemAvailable does not count them, and a new store of other sizes cannot reuse
+    them. The collect frees an engine left in a reference cycle first."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        empty()
+
+
+def check_host_memory(plan: dict[str, int], already_held: int = 0, available: int | None = None) -> int:
+    """Refuse, before allocating, a store the host cannot hold. `plan`: plan_host_memory's bytes;
+    `already_held`: bytes of the model that the store will take over (its fp32 host weights, freed as the store
+    adopts them); `available`: the host's free bytes (default: what the kernel says now, after pinned memory
+    cached from an earlier engine is handed back). Returns the bytes needed."""
+    needed = sum(plan.values())
+    if available is None:
+        release_cached_pinned_memory()
+        available = host_memory_available()
+    available += already_held
     if needed > available:
+        largest = ", ".join(f"{k} {v / GIB:.1f}" for k, v in sorted(plan.items(), key=lambda kv: -kv[1])[:3])
         raise HostMemoryError(
-            f"backend=streaming needs {needed / GIB:.1f} GiB of host memory for {num_params / 1e9:.2f}B parameters "
-            f"(fp32 master + Adam m, v + gradients) but {available / GIB:.1f} GiB is available; "
-            "use a smaller model or a host with more RAM"
+            f"backend=streaming needs {needed / GIB:.1f} GiB of host memory ({largest} GiB, ...) but "
+            f"{available / GIB:.1f} GiB is available; use a smaller model or a host with more RAM"
         )
     return needed
 
@@ -121,9 +177,8 @@ class Unit:
     @torch.no_grad()
     def accumulate(self, grads: list[torch.Tensor]) -> None:
         """Add one micro-batch's per-parameter gradients (on the host). The first is copied, later ones added,
-        which is exactly what autograd does to .grad, so the sums match a resident run bit for bit."""
-        if grads[0].dtype != torch.float32:  # bf16 on the link: widened as it lands
-            grads = [g.float() for g in grads]
+        which is exactly what autograd does to .grad, so the sums match a resident run bit for bit. bf16
+        gradients (from the link) are widened inside the copy/add kernels, exactly, with no fp32 temporary."""
         if self.grad_ready:
             torch._foreach_add_(self.grads, grads)
         else:
@@ -143,17 +198,13 @@ class HostStore:
         blocks: nn.ModuleList,
         pin: bool = False,
         stream_dtype: torch.dtype = torch.float32,
-        check_memory: bool = True,
     ) -> None:
         block_ids = {id(p) for p in blocks.parameters()}
         prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
         named = dict(model.named_parameters())
         if any(p.device.type != "cpu" for p in named.values()):
             raise ValueError("the streaming store takes a model built on the host (cpu); build it with device='cpu'")
-        if check_memory:
-            already = sum(p.numel() * p.element_size() for p in named.values())
-            check_host_memory(sum(p.numel() for p in named.values()), stream_dtype, already)
-        if pin and not _can_pin():
+        if pin and not can_pin():
             warnings.warn("pinned host memory is not available here; the store uses pageable memory", stacklevel=2)
             pin = False
         self.pinned = pin
@@ -192,14 +243,16 @@ class HostStore:
     # -- checkpoints: the same flat {name: tensor} dicts as the resident engine ---------------------
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Views of the store's own tensors, as a module's state_dict returns its parameters: no copy (at 7B a
+        copy is 79 GB of host memory). They change with the next update: copy them, or write them before it."""
         model, optim = {}, {}
         for u in self.units:
             for k, s in enumerate(u.layout.slots):
-                model[s.full_name] = u.params[k].clone()
+                model[s.full_name] = u.params[k]
                 if float(u.steps[k]) > 0:  # torch's AdamW has no state for a parameter never updated
-                    optim[f"{s.full_name}.exp_avg"] = u.exp_avgs[k].clone()
-                    optim[f"{s.full_name}.exp_avg_sq"] = u.exp_avg_sqs[k].clone()
-                    optim[f"{s.full_name}.step"] = u.steps[k].clone()
+                    optim[f"{s.full_name}.exp_avg"] = u.exp_avgs[k]
+                    optim[f"{s.full_name}.exp_avg_sq"] = u.exp_avg_sqs[k]
+                    optim[f"{s.full_name}.step"] = u.steps[k]
         return {"model": model, "optimizer": optim}
 
     @torch.no_grad()
@@ -225,7 +278,7 @@ class HostStore:
             u.zero_grad()
 
 
-def _can_pin() -> bool:
+def can_pin() -> bool:
     if not torch.cuda.is_available():
         return False
     try:

@@ -142,6 +142,21 @@ def test_background_write_copies_the_state_first_and_a_second_save_waits(tmp_pat
     assert torch.equal(written(1), torch.zeros(4)) and torch.equal(written(2), torch.ones(4))
 
 
+def test_tensors_stream_to_the_bytes_safetensors_writes(tmp_path):
+    """The checkpoint writer streams tensors (views of one buffer too, as the streaming store hands them out) and
+    writes exactly what safetensors' save_file writes for their copies, so hashes do not depend on the writer."""
+    from safetensors.torch import save_file
+
+    flat = torch.arange(20, dtype=torch.float32)
+    tensors = {"b.weight": flat[:12].view(3, 4), "a.bias": flat[12:17], "a.bias.step": torch.tensor(3.0),
+               "ids": torch.arange(3), "half": torch.randn(3).bfloat16(), "empty": torch.zeros(0)}  # fmt: skip
+    ckpt_mod.save_tensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "1"})
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "1"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    lazy = ckpt_mod.LazyTensors(tmp_path / "ours.safetensors")  # read back one tensor at a time
+    assert sorted(lazy) == sorted(tensors) and all(torch.equal(lazy[k], v) for k, v in tensors.items())
+
+
 def test_unwritable_output_dir_fails_before_training(fast_config, tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the output directory should be")
@@ -157,15 +172,15 @@ def test_full_disk_fails_before_training(fast_config, monkeypatch):
 
 def test_disk_full_during_a_save_stops_training_with_a_clear_error(fast_config, monkeypatch):
     trainer = Trainer(fast_config(*TINY, "train.steps=8", "train.ckpt_every=2"), log=lambda *_: None)
-    real_save, calls = ckpt_mod.save_file, []
+    real_save, calls = ckpt_mod.save_tensors, []
 
-    def save_file(tensors, path, metadata=None):
+    def save_tensors(tensors, path, metadata=None):
         calls.append(path)
-        if "step-00000002" in path:
+        if "step-00000002" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", save_file)
+    monkeypatch.setattr(ckpt_mod, "save_tensors", save_tensors)
     with pytest.raises(CheckpointError, match=r"step-00000002 failed .*No space left.*the disk is full.*step-00000000"):
         trainer.fit()
     trainer.close()

@@ -142,6 +142,19 @@ def test_prefetch_1_beats_prefetch_0_when_copies_match_compute():
     assert steps[1] < steps[0]
 
 
+def test_staging_buffers_let_gradient_copies_run_ahead_of_the_host_accumulate():
+    """Each D2H copy waits until the host has summed the gradient N copies before it (the executor's
+    backend.streaming.staging_buffers): with one buffer, copy and host sum alternate; with more they overlap."""
+    fast = {"matmul_tflops": [[1.0, 1000.0]], "attention_fwd_tflops": 1000.0, "attention_bwd_tflops": 1000.0}
+    prof = toy(device=fast, host={"accumulate_gbps": 20.0})  # the host sum of a block as long as its D2H copy
+    c = compute_costs(SHAPE, prof, prof.run)
+    assert c.block_accum == pytest.approx(c.block_d2h) and c.block_bwd < c.block_d2h / 4
+    steps = {n: simulate(SHAPE, prof, replace(prof.run, staging_buffers=n)).step_s for n in (1, 2, 4)}
+    assert steps[1] > steps[2] >= steps[4]
+    with pytest.raises(ValueError, match="staging_buffers=0 must be >= 1"):
+        toy(run={"staging_buffers": 0})
+
+
 def test_schedules_micro_batches_and_replicas_change_the_answer():
     prof = toy(link={"h2d_gbps": 1.0, "d2h_gbps": 1.0, "duplex_gbps": 2.0})
     bm = simulate(SHAPE, prof, replace(prof.run, micro_batches=4, schedule="batch_major"))

@@ -61,7 +61,24 @@ def test_checkpoint_contents(fast_config):
     loaded = load_checkpoint(ckpt)
     assert "wte.weight" in loaded.tensors["model"] and "wte.weight.exp_avg_sq" in loaded.tensors["optimizer"]
     assert loaded.meta["step"] == 2 and loaded.meta["data_fingerprint"] == t.data.fingerprint
+    assert loaded.meta["env"]["deterministic"] is True  # the CPU default: bitwise replay
     assert (t.run_dir / "checkpoints" / "latest").read_text().strip() == ckpt.name
+
+
+def test_deterministic_mode_is_a_setting_off_by_default_on_gpu(fast_config):
+    """torch.use_deterministic_algorithms on a GPU fills every torch.empty with NaN (a write per kernel output):
+    off there unless asked for; on for CPU, where replay is bitwise. The checkpoint says which ran."""
+    from crystal.utils import deterministic_mode
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert deterministic_mode(None, cuda) is False and deterministic_mode(None, cpu) is True
+    assert deterministic_mode(True, cuda) is True
+    try:
+        t = Trainer(fast_config(*SMALL, "train.deterministic=false"), log=lambda *_: None)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert t.state_dict()["env"]["deterministic"] is False
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # what every other Trainer here sets
 
 
 def test_refuses_to_overwrite_a_run_and_refuses_other_models(fast_config):

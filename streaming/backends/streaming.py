@@ -4,6 +4,7 @@ resident engine, so the trainer, checkpoints and metrics do not know which one r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -11,17 +12,44 @@ import torch
 from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
 from crystal.streaming.executor import Executor, HostWorker
 from crystal.streaming.optimizer import HostAdamW
-from crystal.streaming.store import HostStore, Unit
+from crystal.streaming.store import HostStore, Unit, can_pin, check_host_memory, plan_host_memory, unit_numels
 from crystal.streaming.swarm import Swarm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def resolve_stream_dtype(stream_dtype: str, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.dtype:
-    """auto: bf16 weights on the link when the device computes in bf16 anyway, else fp32."""
-    if stream_dtype == "auto":
+def resolve_link_dtype(setting: str, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """stream_dtype / grad_dtype. auto: bf16 on the link (weights in, gradients out; gradients are summed in
+    fp32 on the host) when a GPU computes in bf16 anyway, else fp32 (a CPU keeps streamed == resident bitwise)."""
+    if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" and autocast_dtype == torch.bfloat16 else torch.float32
-    return DTYPES[stream_dtype]
+    return DTYPES[setting]
+
+
+def resolve_auto(setting: str, device: torch.device) -> bool:
+    """overlap_optimizer / fused_clip: auto is on with CUDA, off on CPU."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def engine_host_plan(
+    numels: tuple[int, int, int],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    *,
+    stream_dtype: str = "auto",
+    grad_dtype: str = "auto",
+    pin_memory: bool = True,
+    staging_buffers: int = 4,
+) -> dict[str, int]:
+    """The host memory StreamingEngine allocates with these settings (plan_host_memory's items) for a model of
+    `numels` = (parameters outside the blocks, of one block, blocks), as store.unit_numels counts them: the
+    trainer checks it before building anything, the engine again before allocating."""
+    cuda = device.type == "cuda"
+    return plan_host_memory(
+        *numels, stream_dtype=resolve_link_dtype(stream_dtype, device, autocast_dtype),
+        grad_dtype=resolve_link_dtype(grad_dtype, device, autocast_dtype), pinned=pin_memory and cuda and can_pin(),
+        staging_buffers=staging_buffers if cuda else 0,
+    )  # fmt: skip
 
 
 class StreamingEngine:
@@ -37,37 +65,50 @@ class StreamingEngine:
         prefetch: int = 1,
         recompute: bool = True,
         stream_dtype: str = "auto",
-        grad_dtype: str = "fp32",
+        grad_dtype: str = "auto",
         pin_memory: bool = True,
+        staging_buffers: int = 4,
         overlap_optimizer: str = "auto",
+        fused_clip: str = "auto",
+        host_threads: int = 0,
         trace: bool = False,
         swarm: Swarm | None = None,
         check_memory: bool = True,
     ) -> None:
         self.adapter, self.device, self.swarm = adapter, device, swarm
         cuda = device.type == "cuda"
-        weights_dtype = resolve_stream_dtype(stream_dtype, device, autocast_dtype)
+        weights_dtype = resolve_link_dtype(stream_dtype, device, autocast_dtype)
         if weights_dtype != torch.float32 and autocast_dtype != weights_dtype:
             raise ValueError(
                 f"backend.streaming.stream_dtype={stream_dtype} sends bf16 weights, which needs bf16 compute: "
                 "set train.precision=bf16 or backend.streaming.stream_dtype=fp32"
             )
-        self.grad_dtype = DTYPES[grad_dtype]
-        self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype,
-                               check_memory=check_memory)  # fmt: skip
-        self.optimizer = HostAdamW(self.store, groups, settings)
+        self.grad_dtype = resolve_link_dtype(grad_dtype, device, autocast_dtype)
+        self.host_plan = engine_host_plan(unit_numels(adapter.model, adapter.blocks), device, autocast_dtype,
+                                          stream_dtype=stream_dtype, grad_dtype=grad_dtype, pin_memory=pin_memory,
+                                          staging_buffers=staging_buffers)  # fmt: skip
+        if check_memory:  # the model's host weights are freed as the store takes them over
+            held = sum(p.numel() * p.element_size() for p in adapter.model.parameters() if p.device.type == "cpu")
+            check_host_memory(self.host_plan, already_held=held)
+        self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype)
+        self.optimizer = HostAdamW(self.store, groups, settings, fused_clip=resolve_auto(fused_clip, device))
         self.executor = Executor(
             adapter, self.store, device, schedule=schedule, prefetch=prefetch, compute_dtype=weights_dtype,
             autocast_dtype=autocast_dtype, recompute=recompute, trace=trace,
         )  # fmt: skip
-        self.overlap = overlap_optimizer == "on" or (overlap_optimizer == "auto" and cuda)
-        self.worker = HostWorker(threaded=cuda)
+        self.overlap = resolve_auto(overlap_optimizer, device)
+        self.worker = HostWorker(threaded=cuda, threads=host_threads)
         self.executor.before_load = self._wait_update
         self.updates: dict[int, Future] = {}  # id(unit) -> its pending update of the last step
+        self._holds: list[Callable[[], None]] = []  # readers of the store's tensors to wait for (hold_state)
         self.landed: list[Future] = []  # this step's gradient arrivals on the host
+        # Gradients leave the device through pinned staging buffers; a copy into one waits until the host has
+        # summed what it held, so there are enough to cover the host's work on one block (issue 15's estimate:
+        # 50-100 ms of host sum + norm per 7B block against ~40 ms of GPU backward).
         largest = max(self.store.rest.layout.numel, self.store.block_layout.numel)
-        self.staging = [torch.empty(largest, dtype=self.grad_dtype).pin_memory() for _ in range(2)] if cuda else []
-        self.staging_busy: list[Future | None] = [None, None]
+        self.staging = [torch.empty(largest, dtype=self.grad_dtype, pin_memory=self.store.pinned)
+                        for _ in range(staging_buffers)] if cuda else []  # fmt: skip
+        self.staging_busy: list[Future | None] = [None] * len(self.staging)
         self.staging_next = 0
         self.steps = 0
         self.last_trace: list[dict[str, Any]] = []
@@ -93,6 +134,17 @@ class StreamingEngine:
         for unit in self.store.units:
             self._wait_update(unit)
 
+    def hold_state(self, until: Callable[[], None]) -> None:
+        """The tensors state_dict() handed out are being read elsewhere (a checkpoint written straight from the
+        store, in another thread): the next change to the store (an update, a load) first calls `until`, which
+        returns once they have been read. Until then training goes on: a forward and backward only read them."""
+        self._holds.append(until)
+
+    def _release_holds(self) -> None:
+        holds, self._holds = self._holds, []
+        for until in holds:
+            until()
+
     def _land(self, unit: Unit, grads: list[torch.Tensor], final: bool) -> None:
         with self.executor.tracer.span("optimizer", f"accumulate {unit.name}", unit.index):
             unit.accumulate(grads)
@@ -109,9 +161,9 @@ class StreamingEngine:
                 grads = [g.to(self.grad_dtype) for g in grads]
             self.landed.append(self.worker.submit(lambda: self._land(unit, grads, final)))
             return
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.grad_dtype)  # one transfer per block
+        flat = torch.cat([g.reshape(-1).to(self.grad_dtype) for g in grads])  # one transfer per block
         k = self.staging_next
-        self.staging_next ^= 1
+        self.staging_next = (k + 1) % len(self.staging)
         if self.staging_busy[k] is not None:
             self.staging_busy[k].result()  # the host has not yet consumed this staging buffer
         stage = self.staging[k][: flat.numel()]
@@ -161,6 +213,7 @@ class StreamingEngine:
             self.optimizer.discard()
             self.last_trace = self.executor.tracer.end_step()
             return StepResult(loss_value, norm_value, True, tokens)
+        self._release_holds()  # a checkpoint still reading the store: the update must not change it under it
         for unit in self.store.units:  # rest first, then blocks in the order the next forward needs them
             self.updates[id(unit)] = self.worker.submit(lambda u=unit: self._timed_update(u, lr, clip))
         self.device_stale = True
@@ -184,11 +237,14 @@ class StreamingEngine:
             self.adapter.model.train()
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The store's own tensors (views, no copy): they stay as they are until the next update, and longer
+        while hold_state() says something reads them."""
         self.flush()
         return self.store.state_dict()
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]], load_optimizer: bool = True) -> None:
         self.flush()
+        self._release_holds()
         self.store.load_state_dict(state, load_optimizer)
         self.device_stale = True
 
@@ -196,7 +252,8 @@ class StreamingEngine:
         """Device-side accounting: block buffers held, copies made, bytes."""
         slots = self.executor.slots
         out = {"device_block_buffers": slots.max_slots, "block_loads": slots.loads,
-               "device_buffer_bytes": slots.nbytes, "host_store_bytes": self.store.nbytes}  # fmt: skip
+               "device_buffer_bytes": slots.nbytes, "host_store_bytes": self.store.nbytes,
+               "host_plan_bytes": sum(self.host_plan.values())}  # fmt: skip
         if self.device.type == "cuda":
             out["device_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return out

@@ -114,9 +114,10 @@ class RunDefaults:
     recompute: bool = True  # block internals recomputed in backward
     stream_dtype: str = "bf16"  # bytes per streamed weight
     grad_dtype: str = "bf16"  # bytes per gradient sent back
+    staging_buffers: int = 4  # pinned D2H buffers; a gradient copy waits for the landing of the one N before it
 
     def validate(self, where: str) -> None:
-        for key in ("batch", "micro_batches", "replicas"):
+        for key in ("batch", "micro_batches", "replicas", "staging_buffers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}: {key}={getattr(self, key)} must be >= 1")
         if self.seq < 0:

@@ -210,8 +210,9 @@ class _Builder:
     - a block already in a slot is not copied again (the forward -> backward turn, and block 0 from one
       micro-batch's backward to the next one's forward); every update invalidates the slots;
     - with prefetch 1 the next block is copied into the other slot while this one computes;
-    - each block's gradient goes D2H through two pinned staging buffers (a copy waits until the host has
-      consumed the one before the last), then is accumulated on the host; its norms are taken once final;
+    - each block's gradient goes D2H through run.staging_buffers pinned staging buffers (a copy waits until
+      the host has consumed the one N copies before it), then is accumulated on the host (host.accumulate_gbps);
+      its norms are taken once final;
     - the update needs the global norm, so it starts only after the step's last gradient has landed:
       embedding/head first, then blocks 0..L-1, each on the host optimizer lane; the next step's copy of a
       block waits for that block's update (overlapping the next forward on a GPU; on a CPU all is serial).
@@ -256,7 +257,8 @@ class _Builder:
 
     def send(self, name: str, block: int | None, step: int, d2h_s: float, accum_s: float) -> int:
         """D2H of one gradient into a staging buffer, then its accumulation on the host."""
-        deps = [self.last_dev, self.sends[-2] if len(self.sends) >= 2 else None]
+        n = self.run.staging_buffers
+        deps = [self.last_dev, self.sends[-n] if len(self.sends) >= n else None]
         g = self.eng.add("d2h", f"g {name}", d2h_s, self._serial(deps), block, step)
         self.last_dev = g
         landed = self.eng.add("optimizer", f"accum {name}", accum_s, [g], block, step) if accum_s else g
