@@ -468,6 +468,54 @@ class BackendConfig:
 
 
 @dataclass
+class CodeEvalConfig:
+    """`python -m crystal.analysis code-eval`: HumanEval pass@k and the infilling sets built from HumanEval,
+    every program run in crystal.analysis.sandbox. Override as code.<key>=value."""
+
+    problems: int = 0  # the first N HumanEval problems; 0 = all 164
+    greedy: bool = True  # greedy pass@1: one completion per problem at temperature 0
+    samples: int = 0  # n sampled completions per problem for pass@k; 0 = none (Codex used 200)
+    k: list[int] = field(default_factory=lambda: [1, 10])  # pass@k reported from the samples (each k <= samples)
+    temperature: float = 0.2  # of the sampled completions (LLM360 reports HumanEval at 0.2)
+    top_p: float = 0.95
+    max_new_tokens: int = 512  # per completion; at most half the model's context (the prompt keeps the rest)
+    infill: list[str] = field(default_factory=lambda: ["single", "multi"])  # infilling sets; [] = none
+    fim_modes: list[str] = field(default_factory=lambda: ["psm", "spm"])
+    spans: int = 2  # random multi-line spans per problem (infill multi)
+    infill_max_new_tokens: int = 128
+    seed: int = 0  # the multi-line spans and the sampling
+    batch_size: int = 32  # sequences generated at once
+    timeout_s: float = 10.0  # sandbox: wall clock per program
+    memory_mb: int = 1024  # sandbox: address space per program
+    workers: int = 0  # sandbox: programs run at once; 0 = one per CPU core
+
+    def __post_init__(self) -> None:
+        for key in ("problems", "samples", "workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"analysis.code.{key}={getattr(self, key)} must be >= 0")
+        for key in ("max_new_tokens", "infill_max_new_tokens", "batch_size", "spans"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"analysis.code.{key}={getattr(self, key)} must be at least 1")
+        if self.samples and not all(1 <= k <= self.samples for k in self.k):
+            raise ValueError(f"analysis.code.k={list(self.k)} needs 1 <= k <= code.samples={self.samples}; "
+                             f"raise code.samples or lower k")  # fmt: skip
+        if self.samples and not self.temperature > 0:
+            raise ValueError(f"analysis.code.temperature={self.temperature}: sampling needs a temperature > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"analysis.code.top_p={self.top_p} must be in (0, 1]")
+        if not set(self.infill) <= {"single", "multi"} or not set(self.fim_modes) <= {"psm", "spm"}:
+            raise ValueError(f"analysis.code.infill={list(self.infill)} / fim_modes={list(self.fim_modes)}: use "
+                             "single, multi / psm, spm")  # fmt: skip
+        if self.infill and not self.fim_modes:
+            raise ValueError("analysis.code.fim_modes=[] leaves the infilling sets nothing to run; set code.infill=[]")
+        if not (self.greedy or self.samples or self.infill):
+            raise ValueError("analysis.code: greedy=false, samples=0 and infill=[] evaluate nothing")
+        if not self.timeout_s > 0 or self.memory_mb < 64:
+            raise ValueError(f"analysis.code.timeout_s={self.timeout_s} must be > 0 and memory_mb={self.memory_mb} "
+                             ">= 64 (a Python interpreter needs that much)")  # fmt: skip
+
+
+@dataclass
 class AnalysisConfig:
     """`python -m crystal.analysis`: Analysis360 memorization and per-chunk / per-source evaluation of a run
     or release. Defaults in conf/analysis/default.yaml; override on the command line as key=value."""
@@ -484,6 +532,7 @@ class AnalysisConfig:
     curves: int = 6  # checkpoints drawn in the by-chunk and histogram views
     threads: int = 0  # torch CPU threads for the command; 0 = torch's default (1 is fastest for tiny models)
     progress: bool = True
+    code: CodeEvalConfig = field(default_factory=CodeEvalConfig)  # the code-eval command's settings
 
     def __post_init__(self) -> None:
         for key in ("sequences", "prompt_tokens", "generate_tokens", "batch_size", "curves"):

@@ -22,11 +22,13 @@ extra keys say where the sequence came from.
       configs/stage-<n>.yaml         the resolved config of each stage's run
       metrics/metrics.jsonl          per step and per checkpoint (+ metrics.replaced.jsonl after rollbacks)
       tokenizer/tokenizer.model      and data_manifest.json (the data fingerprint's preimage)
+      evals/                         evaluations added after the build (`python -m crystal.analysis code-eval
+                                     <release>`), listed in the manifest's files and `evaluations`
 
-`verify` checks every file it uses against the manifest (naming any altered file), loads checkpoint
-k-1, trains on the chunk's token ids with the recorded config (same engine, same step function, the
-recorded torch thread count), and compares every weight and optimizer tensor with checkpoint k and
-every loss with the metrics rows: bitwise on CPU.
+`verify` checks every file it uses (and every evaluation file) against the manifest, naming any altered
+file, loads checkpoint k-1, trains on the chunk's token ids with the recorded config (same engine, same
+step function, the recorded torch thread count), and compares every weight and optimizer tensor with
+checkpoint k and every loss with the metrics rows: bitwise on CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from crystal.errors import CrystalError
 from crystal.tokenizer import ADDED_TOKENS, EOS_ID, file_sha256
 
 FORMAT_VERSION = 1
+EVALS_DIR = "evals"  # evaluation outputs added to a built release
 
 
 class ReleaseError(CrystalError):
@@ -225,6 +229,31 @@ def build(run_dir: Path, out_dir: Path, link: bool = False, log=print) -> dict[s
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log(f"release: {len(chunks)} chunks, {len(ckpts)} checkpoints, {len(files)} files in {out_dir}; "
         f"manifest sha256 {file_sha256(out_dir / 'manifest.json')}")  # fmt: skip
+    return manifest
+
+
+def add_evaluation(release: Path, name: str, files: list[Path], meta: dict[str, Any]) -> dict[str, Any]:
+    """Record evaluation outputs written under <release>/evals/ in the manifest: each file's sha256 in `files`
+    and an `evaluations[name]` entry (its files and how they were made). verify() checks them like any other
+    file. The manifest is replaced atomically: a crash leaves the previous one."""
+    release = Path(release)
+    manifest = _read_manifest(release)
+    base = (release / EVALS_DIR).resolve()
+    rels = []
+    for f in files:
+        f = Path(f).resolve()
+        if base not in f.parents or not f.is_file():
+            raise ReleaseError(f"{f} is not a file under {release / EVALS_DIR}; evaluation outputs go there")
+        rel = str(f.relative_to(release.resolve()))
+        manifest["files"][rel] = file_sha256(f)
+        rels.append(rel)
+    manifest.setdefault("evaluations", {})[name] = {**meta, "files": rels}
+    tmp = release / "manifest.json.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(manifest, indent=1, sort_keys=True))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, release / "manifest.json")
     return manifest
 
 
@@ -457,6 +486,10 @@ def verify(
     release: Path, chunks: list[int] | None = None, log=print, device: str = "cpu", atol: float = 0.0
 ) -> list[ChunkVerdict]:
     manifest = _read_manifest(Path(release))
+    if manifest.get("evaluations") or (Path(release) / EVALS_DIR).exists():
+        n = _check_files(Path(release), manifest, [EVALS_DIR])
+        names = ", ".join(sorted(manifest.get("evaluations", {})))
+        log(f"{EVALS_DIR}: {n} evaluation files ({names}) match the manifest")
     ks = chunks if chunks else [c["chunk"] for c in manifest["chunks"]]
     return [verify_chunk(Path(release), k, log, device, atol) for k in ks]
 

@@ -602,8 +602,10 @@ class Trainer:
                                f"{counts['heldout']['tokens']} tokens)")  # fmt: skip
         if not lacking:
             return ""
-        return (f"no held-out loss for {', '.join(lacking)}: a source needs at least one {self.seq_len + 1}-token "
-                f"held-out window; raise data.heldout_fraction (now {self.cfg.data.heldout_fraction}) or add data")
+        return (
+            f"no held-out loss for {', '.join(lacking)}: a source needs at least one {self.seq_len + 1}-token "
+            f"held-out window; raise data.heldout_fraction (now {self.cfg.data.heldout_fraction}) or add data"
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss per source and their mixture-weighted mean ("heldout")."""

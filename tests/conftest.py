@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import csv  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -73,3 +74,35 @@ def small_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("small_tokenizer") / "t.model"
     train_sentencepiece(iter(lines), path, 400, seed=1)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one intra-op thread is 10-40x faster than two fighting.
+    Modules of tiny-model tests use it for every test: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def train_run(out_dir: Path, *overrides: str) -> Path:
+    """Train on the fast data slice into out_dir with one torch thread (a module fixture runs before
+    one_thread); returns the run directory."""
+    from crystal.trainer import Trainer
+
+    cfg = compose_config([*FAST_DATA, f"train.out_dir={out_dir}", *overrides])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+        torch.set_num_threads(threads)
+    return trainer.run_dir

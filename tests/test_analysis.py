@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -19,42 +18,20 @@ from crystal.analysis.timeline import AnalysisError, build_timeline, sample_posi
 from crystal.config import ModelConfig
 from crystal.metrics import read_metrics
 from crystal.model import build_model
-from crystal.trainer import Trainer
-from tests.conftest import FAST_DATA, compose_config
+from tests.conftest import read_csv, train_run
 
 SMALL = ["model.n_layer=2", "train.seq_len=64", "train.micro_batch=4", "train.global_batch=8",
          "train.eval_every=1000", "optim.warmup_steps=2"]  # fmt: skip
 QUICK = ["sequences=6", "loss_sequences=4", "eval_batches=4", "batch_size=8", "progress=false", "device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is 10-40x faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, crystal_cache) -> Path:
     """6 steps of 8 x 64 tokens, a checkpoint every 2 steps: 3 checkpoints, 3 chunks of 16 samples."""
-    out = tmp_path_factory.mktemp("analysis_run")
-    cfg = compose_config([*FAST_DATA, *SMALL, f"train.out_dir={out}", "train.steps=6", "train.ckpt_every=2"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    trainer = Trainer(cfg, log=lambda *_: None)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-        torch.set_num_threads(threads)
-    return trainer.run_dir
+    return train_run(tmp_path_factory.mktemp("analysis_run"), *SMALL, "train.steps=6", "train.ckpt_every=2")
 
 
 # -- decoding ----------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ print(spec.origin if spec else "none")
     assert "crystal" not in mapped["kernels"] and "crystal" not in mapped["streaming"], mapped
     assert mapped["crystal"] == ["crystal"]
     # Hugging Face's kernels (a transformers requirement) may be installed: then `import kernels` is theirs
+    # (the checkout's own folder is what must not answer; a .venv inside the checkout, as .ci/run makes, may)
     assert lines[1] == "none" or not lines[1].startswith(str(REPO / "kernels")), lines[1]
 
 

@@ -67,8 +67,17 @@ def fim_encode(text: str, doc_id: str, spec: FimSpec, tok) -> tuple[list[int], s
     if parts is None:
         return tok.encode(text), None
     mode, prefix, middle, suffix = parts
-    p, m, s = tok.token_id(FIM_PREFIX), tok.token_id(FIM_MIDDLE), tok.token_id(FIM_SUFFIX)
     enc = tok.encode_batch([prefix, middle, suffix])
+    return fim_layout(mode, enc[0], enc[1], enc[2], tok), mode
+
+
+def fim_layout(mode: str, prefix: list[int], middle: list[int], suffix: list[int], tok) -> list[int]:
+    """The token layout of one FIM example from its separately encoded parts. With an empty middle it is the
+    prompt an infilling evaluation gives the model (crystal.analysis.humaneval): what training put before
+    the middle, exactly."""
+    p, m, s = tok.token_id(FIM_PREFIX), tok.token_id(FIM_MIDDLE), tok.token_id(FIM_SUFFIX)
     if mode == "spm":
-        return [p, s, *enc[2], m, *enc[0], *enc[1]], mode
-    return [p, *enc[0], s, *enc[2], m, *enc[1]], mode
+        return [p, s, *suffix, m, *prefix, *middle]
+    if mode == "psm":
+        return [p, *prefix, s, *suffix, m, *middle]
+    raise ValueError(f"FIM mode {mode!r}: use psm or spm")
