@@ -85,7 +85,7 @@ def cerebras_settings(cfg: Config) -> CerebrasSettings:
         compile_only=c.compile_only,
         half_dtype=c.half_dtype,
         skip_nonfinite=c.skip_nonfinite,
-        adamw=c.adamw,
+        adamw=c.adamw_equation,
     )
 
 

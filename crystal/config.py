@@ -379,10 +379,13 @@ class CerebrasConfig:
     # Skip the update of a step whose loss or gradient norm is not finite, decided inside the compiled
     # graph (a CSX step cannot branch on a value), as the resident engine does on the host.
     skip_nonfinite: bool = True
-    # cstorch: cstorch.optim.AdamW as Cerebras runs it (eps added before bias correction, so losses differ
-    # from backend=resident at the 1e-4 level). torch: the same cstorch optimizer and state with
-    # torch.optim.AdamW's update equation, for runs that move between Cerebras and GPU (fp32-rounding match).
-    adamw: str = "cstorch"
+    # The AdamW update equation. cstorch: cstorch.optim.AdamW as Cerebras runs it (eps added to sqrt(v) before
+    # bias correction: effective eps / sqrt(1 - beta2^t)), whose losses drift from backend=resident by a
+    # machine-dependent 1e-4..1e-2 (docs/cerebras.md). torch: the same cstorch optimizer and state with
+    # torch.optim.AdamW's equation: equal to backend=resident to fp32 rounding, so checkpoints move between
+    # backends as one run. auto: torch on CPU/GPU (where cstorch stands in for a cluster and runs interchange
+    # with the other backends), cstorch on CSX (the optimizer Cerebras compiles and validates).
+    adamw: str = "auto"
 
     def __post_init__(self) -> None:
         self.target = str(self.target).upper()
@@ -392,8 +395,8 @@ class CerebrasConfig:
             raise ValueError(
                 f"backend.cerebras.half_dtype={self.half_dtype!r}: use one of {', '.join(CEREBRAS_HALF_DTYPES)}"
             )
-        if self.adamw not in ("cstorch", "torch"):
-            raise ValueError(f"backend.cerebras.adamw={self.adamw!r}: use 'cstorch' or 'torch'")
+        if self.adamw not in ("auto", "cstorch", "torch"):
+            raise ValueError(f"backend.cerebras.adamw={self.adamw!r}: use 'auto', 'cstorch' or 'torch'")
         if self.half_dtype == "cbfloat16" and self.target != "CSX":
             raise ValueError("backend.cerebras.half_dtype=cbfloat16 exists only on CSX; use bfloat16 on CPU/GPU")
         if self.num_csx < 1 or self.num_workers_per_csx < 1:
@@ -403,6 +406,13 @@ class CerebrasConfig:
             )
         if self.target == "CSX":
             self.check_cluster()
+
+    @property
+    def adamw_equation(self) -> str:
+        """The AdamW equation this target runs: `adamw` with auto resolved."""
+        if self.adamw != "auto":
+            return self.adamw
+        return "cstorch" if self.target == "CSX" else "torch"
 
     def check_cluster(self) -> None:
         """A CSX run needs a cluster: name the first missing setting and how to give it."""

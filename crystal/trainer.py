@@ -195,11 +195,47 @@ def config_changes(old: Config, new: Config) -> list[str]:
 
     a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
     ignore = {*OPERATIONAL_KEYS, "train.steps"}
-    # How blocks are streamed never changes the result (streamed steps equal resident ones bit for bit).
-    ignore |= {k for k in set(a) | set(b) if k.startswith("backend.streaming.")}
+    # Backend settings count only through backend_computation: those of a backend the run does not use
+    # compute nothing, and a switch of backend is recorded as an event (backend_switch), not refused.
+    ignore |= {k for k in set(a) | set(b) if k.startswith("backend.")}
     if getattr(new.data, "allow_data_change", False):  # the loader accepts and records data changes itself
         ignore |= {k for k in set(a) | set(b) if k.startswith("data.")}
-    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+    changed = {k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k)}
+    if old.backend.name == new.backend.name:
+        was, now = backend_computation(old), backend_computation(new)
+        changed |= {k for k in set(was) | set(now) if was.get(k) != now.get(k)}
+    return sorted(changed)
+
+
+def backend_computation(cfg: Config) -> dict[str, Any]:
+    """The settings of the backend in use that change what a step computes, by config key, resolved (adamw=auto
+    -> the equation its target runs). resident and streaming have none: how blocks are streamed never changes
+    the result (streamed steps equal resident ones bit for bit). Cerebras targets and cluster settings are
+    where the run executes, like train.device."""
+    if cfg.backend.name != "cerebras":
+        return {}
+    c = cfg.backend.cerebras
+    return {
+        "backend.cerebras.adamw": c.adamw_equation,
+        "backend.cerebras.skip_nonfinite": c.skip_nonfinite,
+        "backend.cerebras.half_dtype": c.half_dtype if cfg.train.precision == "bf16" else None,
+    }
+
+
+def adamw_equation(cfg: Config) -> str:
+    """Which AdamW update equation the run's backend applies: torch's, or cstorch's (eps before bias correction)."""
+    return cfg.backend.cerebras.adamw_equation if cfg.backend.name == "cerebras" else "torch"
+
+
+def backend_switch(old: Config, new: Config, checkpoint: Path) -> dict[str, Any] | None:
+    """The event row for a resume on another backend (checkpoints interchange between all of them), or None.
+    It names both backends and their computation settings, and whether the AdamW equation changes with them
+    (then the continued run differs from an uninterrupted one by more than fp32 rounding)."""
+    if old.backend.name == new.backend.name:
+        return None
+    return {"event": "backend_changed", "checkpoint": str(checkpoint), "from": old.backend.name,
+            "to": new.backend.name, "from_settings": backend_computation(old), "to_settings": backend_computation(new),
+            "adamw": [adamw_equation(old), adamw_equation(new)]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,10 +550,20 @@ class Trainer:
         if saved.train.steps != self.cfg.train.steps:
             events.append({"event": "steps_changed", "checkpoint": str(path), "was": saved.train.steps,
                            "now": self.cfg.train.steps})  # fmt: skip
+        switch = backend_switch(saved, self.cfg, path)
+        if switch:
+            events.append(switch)
+            eq_from, eq_to = switch["adamw"]
+            note = f"; the AdamW equation changes ({eq_from} -> {eq_to})" if eq_from != eq_to else ""
+            self.log(f"resuming {path} (backend={switch['from']}) on backend={switch['to']}{note}")
         changed = config_changes(saved, self.cfg)
         if not changed:
             return events
-        detail = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(self.cfg, k)!r}" for k in changed[:4])
+
+        def value(cfg: Config, key: str) -> Any:  # resolved where the backend resolves it (adamw=auto)
+            return backend_computation(cfg).get(key, _get(cfg, key))
+
+        detail = ", ".join(f"{k}: {value(saved, k)!r} -> {value(self.cfg, k)!r}" for k in changed[:4])
         if not self.cfg.train.allow_config_change:
             raise CheckpointError(
                 f"resuming {path} with changed settings ({detail}); the run would no longer be one reproducible "

@@ -40,7 +40,15 @@ from crystal.cerebras import main as bridge_cli
 from crystal.checkpoint import CheckpointError, find_latest, load_checkpoint
 from crystal.config import ModelConfig, config_to_dict, to_dataclass
 from crystal.model import build_model
-from crystal.trainer import CrystalAdapter, Trainer, build_engine, lr_at, param_group_specs
+from crystal.trainer import (
+    CrystalAdapter,
+    Trainer,
+    backend_switch,
+    build_engine,
+    config_changes,
+    lr_at,
+    param_group_specs,
+)
 from tests.conftest import compose_config, compose_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +64,7 @@ def test_backend_cerebras_composes_on_cstorch_cpu_by_default():
     cfg = compose_config(["backend=cerebras"])
     assert cfg.backend.name == "cerebras"
     c = cfg.backend.cerebras
-    assert (c.target, c.num_csx, c.half_dtype, c.adamw, c.skip_nonfinite) == ("CPU", 1, "bfloat16", "cstorch", True)
+    assert (c.target, c.num_csx, c.half_dtype, c.adamw, c.skip_nonfinite) == ("CPU", 1, "bfloat16", "auto", True)
     assert compose_config(["backend=cerebras", "+stage=1", "model=crystalcoder_7b"]).train.stage == 1
 
 
@@ -279,3 +287,41 @@ def test_bridge_cli_reports_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cstorch checkpoint") and "does not exist" in err and err.count("\n") == 1
     assert bridge_cli([]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_adamw_auto_is_torchs_equation_on_cpu_gpu_and_cstorchs_on_csx(tmp_path):
+    cluster = [*CSX, "backend.cerebras.mgmt_address=m:1", f"backend.cerebras.credentials_path={tmp_path}"]
+    equation = lambda *o: compose_config(["backend=cerebras", *o]).backend.cerebras.adamw_equation  # noqa: E731
+    assert compose_config(["backend=cerebras"]).backend.cerebras.adamw == "auto"
+    assert equation() == equation("backend.cerebras.target=GPU") == "torch"
+    assert compose_config(cluster).backend.cerebras.adamw_equation == "cstorch"
+    assert compose_config([*cluster, "backend.cerebras.adamw=torch"]).backend.cerebras.adamw_equation == "torch"
+    assert cerebras_settings(compose_config(["backend=cerebras"])).adamw == "torch"  # what the engine is handed
+
+
+def test_resume_compares_only_what_the_backend_in_use_computes(tmp_path):
+    cfg = lambda *o: compose_config(list(o))  # noqa: E731
+    cs_torch = cfg("backend=cerebras", "backend.cerebras.adamw=torch")
+    cs_cstorch = cfg("backend=cerebras", "backend.cerebras.adamw=cstorch")
+    resident = cfg("backend=resident")
+    # Another backend's settings compute nothing here: a move is an event, not a change.
+    assert config_changes(cs_torch, resident) == config_changes(resident, cs_cstorch) == []
+    assert config_changes(resident, cfg("backend=resident", "backend.cerebras.adamw=cstorch")) == []
+    assert backend_switch(cs_cstorch, resident, tmp_path)["adamw"] == ["cstorch", "torch"]
+    assert backend_switch(resident, cfg("backend=streaming"), tmp_path)["adamw"] == ["torch", "torch"]
+    assert backend_switch(resident, resident, tmp_path) is None
+    # On the same backend its computation settings are compared, resolved: auto on CPU is torch's equation.
+    assert config_changes(cs_torch, cs_cstorch) == ["backend.cerebras.adamw"]
+    assert config_changes(cs_torch, cfg("backend=cerebras")) == []
+    csx = ["backend.cerebras.target=CSX", "backend.cerebras.mgmt_address=m:1", "backend.cerebras.credentials_path=c"]
+    assert config_changes(cfg("backend=cerebras"), cfg("backend=cerebras", *csx)) == ["backend.cerebras.adamw"]
+    assert config_changes(cs_cstorch, cfg("backend=cerebras", *csx, "backend.cerebras.num_csx=16")) == []
+    assert config_changes(cs_torch, cfg("backend=cerebras", "backend.cerebras.skip_nonfinite=false")) == [
+        "backend.cerebras.skip_nonfinite"
+    ]
+    # The half type matters only under mixed precision.
+    assert config_changes(cs_torch, cfg("backend=cerebras", "backend.cerebras.half_dtype=float16")) == []
+    bf16 = ["backend=cerebras", "train.precision=bf16"]
+    assert config_changes(cfg(*bf16), cfg(*bf16, "backend.cerebras.half_dtype=float16")) == [
+        "backend.cerebras.half_dtype"
+    ]

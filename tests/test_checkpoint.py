@@ -213,3 +213,33 @@ def test_resume_refuses_changed_settings_unless_allowed(small_run, fast_config):
     longer.close()
     events = [r for r in read_metrics(longer.run_dir / "metrics.jsonl", "event") if r["event"] == "steps_changed"]
     assert (events[-1]["was"], events[-1]["now"]) == (7, 9)
+
+
+def test_a_checkpoint_moves_between_backends_and_the_move_is_an_event(small_run, fast_config, tmp_path):
+    """Settings of a backend the resumed run does not use are not compared; the switch itself is recorded."""
+    from omegaconf import OmegaConf
+
+    source = load_checkpoint(small_run / "checkpoints" / "step-00000006")
+    # The same state as a cerebras run with cstorch's own AdamW would have saved it (the main environment cannot
+    # run cstorch; tests/test_cerebras_lane.py moves real cerebras checkpoints).
+    yaml = OmegaConf.create(source.config_yaml)
+    yaml.backend.name, yaml.backend.cerebras.adamw = "cerebras", "cstorch"
+    cs = write_checkpoint(tmp_path / "cerebras_run", 6, source.tensors, source.meta, OmegaConf.to_yaml(yaml))
+    moves = {"from_cs": (cs, "backend=resident"), "to_streaming": (source.path, "backend=streaming")}
+    rows = {}
+    for name, (path, backend) in moves.items():
+        trainer = Trainer(fast_config(*TINY, "train.steps=7", "train.ckpt_every=3", f"train.run_name={name}", backend,
+                                      f"train.resume={path}"), log=lambda *_: None)  # fmt: skip
+        trainer.close()
+        assert trainer.step == 6
+        rows[name] = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl", "event")
+                      if r["event"] == "backend_changed"]  # fmt: skip
+    (cs_row,), (streaming_row,) = rows["from_cs"], rows["to_streaming"]
+    assert (cs_row["from"], cs_row["to"], cs_row["step"]) == ("cerebras", "resident", 6)
+    assert cs_row["adamw"] == ["cstorch", "torch"]  # the equation changes with this move, and the event says so
+    assert cs_row["from_settings"]["backend.cerebras.adamw"] == "cstorch" and cs_row["to_settings"] == {}
+    assert (streaming_row["from"], streaming_row["to"], streaming_row["adamw"]) == (
+        "resident",
+        "streaming",
+        ["torch"] * 2,
+    )
