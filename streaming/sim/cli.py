@@ -100,6 +100,8 @@ def report(p: Prediction) -> str:
         items = {k.split(": ", 1)[1]: v for k, v in p.memory.items() if k.startswith(tier)}
         rows.append((f"memory ({tier})", f"{_gb(sum(items.values()))} of {_gb(cap)}"))
         rows += [(f"  {k}", _gb(v)) for k, v in items.items() if v]
+    if p.micro_note:
+        rows.append(("micro-batches", p.micro_note))
     rows.append(("fits", "yes" if p.fits else f"NO: {p.fit_note}"))
     rows.append(("1.392T tokens", f"{_duration(CRYSTALCODER_TOKENS / p.tokens_s)} (CrystalCoder's three stages)"))
     width = max(len(k) for k, _ in rows)
@@ -141,6 +143,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 SENSITIVITY = {
     "matmul + attention rate": lambda p, k: replace(p, device=replace(
         p.device, matmul_tflops=[[g, r * k] for g, r in p.device.matmul_tflops],
+        matmul_bwd_tflops=[[g, r * k] for g, r in p.device.matmul_bwd_tflops],
         attention_fwd_tflops=p.device.attention_fwd_tflops * k,
         attention_bwd_tflops=p.device.attention_bwd_tflops * k)),
     "weight/grad link (h2d, d2h)": lambda p, k: replace(p, link=replace(
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m crystal.streaming.sim{'' if command == 'predict' else ' ' + command}")
     ap.add_argument("overrides", nargs="*", help="key=value: model=, cluster=, batch=, seq=, micro_batches=, "
                     "schedule=, prefetch=, recompute=, stream_dtype=, grad_dtype=, replicas= (num_cs2=), "
+                    "micro_batch_size=auto|none|<n>, "
                     "model.<key>=, cluster.<section>.<key>=")  # fmt: skip
     if command == "predict":
         ap.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace of one step")
