@@ -51,25 +51,34 @@ def streaming_available() -> str | None:
     return None
 
 
-_MEASURED: dict[tuple[str, int], dict] = {}
+_MEASURED: dict[tuple[str, int, int], dict] = {}
 
 
-def model_block(cfg_model, batch: int):
-    """The model's own block at (batch, SEQ) for the calibration: () -> (forward, backward)."""
+def model_block(cfg_model, batch: int, depth: int):
+    """The model's own blocks at (batch, SEQ) for the calibration: () -> (forward, backward) over `depth`
+    blocks in a row (resident: every layer's forward, then every backward; streaming: one block, whose
+    recompute and backward run back to back)."""
     from crystal.model import Block
 
     def make():
         torch.manual_seed(0)
-        block = Block(cfg_model)
-        params = list(block.parameters())
+        blocks = [Block(cfg_model) for _ in range(depth)]
+        params = [p for b in blocks for p in b.parameters()]
         x = torch.randn(batch, SEQ, cfg_model.d_model, requires_grad=True)
         positions, grad = torch.arange(SEQ), torch.randn(batch, SEQ, cfg_model.d_model)
-        return (lambda: block(x, positions)), (lambda y: torch.autograd.grad(y, [x, *params], grad))
+
+        def forward():
+            h = x
+            for b in blocks:
+                h = b(h, positions)
+            return h
+
+        return forward, (lambda y: torch.autograd.grad(y, [x, *params], grad))
 
     return make
 
 
-def cpu_profile(cfg, batch: int, tmp_path: Path):
+def cpu_profile(cfg, batch: int, tmp_path: Path, resident: bool):
     """This machine's profile for one config: the model's own ops at this micro-batch's shapes (cached per
     model and batch; the host rates re-measured at this depth's mix of block and embedding parameters)."""
     from crystal.streaming.sim.calibrate import Workload, host_rates, measure, render
@@ -81,9 +90,11 @@ def cpu_profile(cfg, batch: int, tmp_path: Path):
         return load_profile(Path(saved))
     shape = shape_from_dict(dataclasses.asdict(cfg.model), cfg.model.name)
     budget = CALIBRATION_S[cfg.model.name]
-    key = (cfg.model.name, batch)
+    depth = cfg.model.n_layer if resident else 1
+    key = (cfg.model.name, batch, depth)
     if key not in _MEASURED:
-        _MEASURED[key] = measure(budget, Workload(shape, batch, SEQ, block=model_block(cfg.model, batch)))
+        block = model_block(cfg.model, batch, depth)
+        _MEASURED[key] = measure(budget, Workload(shape, batch, SEQ, block=block, block_depth=depth))
     m = _MEASURED[key] | host_rates(shape, budget / 10)
     path = tmp_path / "cpu.yaml"
     path.write_text(render(m, budget))
@@ -141,7 +152,7 @@ def test_sim_predicts_cpu_step(backend, model, n_layer, batch, tmp_path):
     if backend == "streaming" and (why := streaming_available()):
         pytest.skip(f"backend=streaming unavailable: {why}; the lead runs this after merging the executor")
     cfg = config(backend, model, n_layer, batch, tmp_path)
-    profile = cpu_profile(cfg, batch, tmp_path)
+    profile = cpu_profile(cfg, batch, tmp_path, resident=backend == "resident")
     measured = measure(cfg)
     predicted = predict(cfg, profile, "batch_major" if backend == "streaming" else "resident")
     ratio = predicted / measured

@@ -48,6 +48,9 @@ class Workload:
     batch: int
     seq: int
     block: Callable[[], tuple[Callable[[], Any], Callable[[Any], Any]]] | None = None
+    # blocks that `block` runs in a row (all forwards, then all backwards, as a resident step keeps every
+    # layer's activations: their working set and reuse distance are the step's, not one block's)
+    block_depth: int = 1
 
 
 def _time(fn, budget_s: float, clock=time.process_time, min_reps: int = 3) -> float:
@@ -184,6 +187,7 @@ def _block_elementwise(wl: Workload, m: dict, each: float, tick, reps: int) -> d
 
     fwd_fn, bwd_fn = wl.block()
     fwd, bwd = _time_fwd_bwd(fwd_fn, bwd_fn, 2 * each, tick, reps)
+    fwd, bwd = fwd / wl.block_depth, bwd / wl.block_depth
     free = DeviceProfile(name="calibration", peak_tflops=1.0, matmul_tflops=m["matmul"],
                          matmul_bwd_tflops=m["matmul_bwd"], attention_fwd_tflops=m["attention_fwd"],
                          attention_bwd_tflops=m["attention_bwd"], memory_gbps=1e9, memory_gb=1.0,

@@ -174,6 +174,20 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_published(args: argparse.Namespace) -> int:
+    from crystal.streaming.sim.published import table
+
+    print(f"{'run':<18} {'device':<6} {'batch x seq':>12} {'published':>10} {'predicted':>10} {'ratio':>6}  samples/s")
+    for r in table():
+        row = r["row"]
+        mark = "  (calibration row)" if row.calibrate else ""
+        print(
+            f"{row.key:<18} {row.device:<6} {f'{row.batch} x {row.seq}':>12} {r['published']:>10.2f} "
+            f"{r['predicted']:>10.2f} {r['ratio']:>6.2f}{mark}"
+        )
+    return 0
+
+
 def cmd_gpu(args: argparse.Namespace) -> int:
     from crystal.streaming.sim.gpu import compare, table
 
@@ -199,7 +213,8 @@ def cmd_gpu(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("calibrate", "sweep", "gpu", "sensitivity") else "predict"
+    commands = ("calibrate", "sweep", "gpu", "sensitivity", "published")
+    command = argv.pop(0) if argv and argv[0] in commands else "predict"
     ap = argparse.ArgumentParser(prog=f"python -m crystal.streaming.sim{'' if command == 'predict' else ' ' + command}")
     ap.add_argument("overrides", nargs="*", help="key=value: model=, cluster=, batch=, seq=, micro_batches=, "
                     "schedule=, prefetch=, recompute=, stream_dtype=, grad_dtype=, replicas= (num_cs2=), "
@@ -216,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         fn = cmd_calibrate
     elif command == "sensitivity":
         fn = cmd_sensitivity
+    elif command == "published":
+        fn = cmd_published
     elif command == "sweep":
         ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
         fn = cmd_sweep
