@@ -9,6 +9,7 @@ Rows go to bench/results/sim_validation.csv: impl "measured" (ms of process CPU 
 the steps after a warm-up) and impl "predicted" (ms, with rate = predicted / measured).
 
 What makes it transfer from one machine to another (docs/simulator.md, "Predicted vs measured"):
+- one process per config, the calibration between its timed steps (same allocator state, same load);
 - one clock: the calibration and the step are both timed in this process's CPU time, so a neighbour
   holding the core (this machine is shared) stretches neither; wall time did, by different amounts;
 - the model's own ops at the config's own shapes (each linear and the LM head forward and backward,
@@ -24,8 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from bench.conftest import record
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 256
-STEPS = 5  # the first is a warm-up
+STEPS = 5  # the first is a warm-up; the calibration runs between the third and the fourth
 CALIBRATION_S = {"tiny": 3.0, "small": 6.0}  # CPU seconds of calibration per (model, batch)
 # (model, depths, batch sizes): tiny and small at several depths and two batch sizes, seq 256
 CONFIGS = [("tiny", n, b) for n in (2, 4, 8) for b in (4, 8)] + [("small", n, b) for n in (2, 4) for b in (2, 4)]
@@ -49,9 +53,6 @@ def streaming_available() -> str | None:
     if not (REPO / "conf" / "backend" / "streaming.yaml").exists():
         return "conf/backend/streaming.yaml is not in this checkout"
     return None
-
-
-_MEASURED: dict[tuple[str, int, int], dict] = {}
 
 
 def model_block(cfg_model, batch: int, depth: int):
@@ -79,23 +80,18 @@ def model_block(cfg_model, batch: int, depth: int):
 
 
 def cpu_profile(cfg, batch: int, tmp_path: Path, resident: bool):
-    """This machine's profile for one config: the model's own ops at this micro-batch's shapes (cached per
-    model and batch; the host rates re-measured at this depth's mix of block and embedding parameters)."""
-    from crystal.streaming.sim.calibrate import Workload, host_rates, measure, render
+    """This machine's profile for one config: the model's own ops at this micro-batch's shapes, the host
+    rates at this depth's mix of block and embedding parameters."""
+    from crystal.streaming.sim.calibrate import Workload, measure, render
     from crystal.streaming.sim.profile import load_profile
     from crystal.streaming.sim.shapes import shape_from_dict
 
-    torch.set_num_threads(int(os.environ.get("CRYSTAL_SIM_THREADS", "1")))
     if saved := os.environ.get("CRYSTAL_SIM_PROFILE"):
         return load_profile(Path(saved))
     shape = shape_from_dict(dataclasses.asdict(cfg.model), cfg.model.name)
     budget = CALIBRATION_S[cfg.model.name]
     depth = cfg.model.n_layer if resident else 1
-    key = (cfg.model.name, batch, depth)
-    if key not in _MEASURED:
-        block = model_block(cfg.model, batch, depth)
-        _MEASURED[key] = measure(budget, Workload(shape, batch, SEQ, block=block, block_depth=depth))
-    m = _MEASURED[key] | host_rates(shape, budget / 10)
+    m = measure(budget, Workload(shape, batch, SEQ, block=model_block(cfg.model, batch, depth), block_depth=depth))
     path = tmp_path / "cpu.yaml"
     path.write_text(render(m, budget))
     return load_profile(path)
@@ -110,20 +106,41 @@ def config(backend: str, model: str, n_layer: int, batch: int, out_dir: Path):
                            f"train.out_dir={out_dir}"])  # fmt: skip
 
 
-def measure(cfg) -> float:
-    """Median process CPU seconds per training step after a warm-up."""
+def one_config(backend: str, model: str, n_layer: int, batch: int, out_dir: str) -> dict:
+    """Measured and predicted seconds per step for one config, in this process: a warm-up step, two timed
+    steps, the calibration, two more timed steps (so the calibration sits inside the measured window and
+    both see the same load), the step = median process CPU time of the four."""
     from crystal.trainer import Trainer
 
+    torch.set_num_threads(int(os.environ.get("CRYSTAL_SIM_THREADS", "1")))
+    out = Path(out_dir)
+    cfg = config(backend, model, n_layer, batch, out)
     trainer = Trainer(cfg, log=lambda *_: None)
-    times = []
+    times, profile = [], None
     try:
-        for _ in range(STEPS):
+        for k in range(STEPS):
+            if k == 3:
+                profile = cpu_profile(cfg, batch, out, resident=backend == "resident")
             t0 = time.process_time()
             trainer.train_step()
             times.append(time.process_time() - t0)
     finally:
         trainer.close()
-    return statistics.median(times[1:])
+    predicted = predict(cfg, profile, "batch_major" if backend == "streaming" else "resident")
+    return {"measured": statistics.median(times[1:]), "predicted": predicted}
+
+
+def run_config(backend: str, model: str, n_layer: int, batch: int, out_dir: Path) -> dict:
+    """one_config in a fresh Python process: every config starts from the same allocator and cache state
+    (in one long process the same step's CPU time drifted by up to 25% after the configs before it)."""
+    code = (
+        f"import json, sys; sys.path.append({str(REPO)!r}); from bench.test_sim_validation import one_config; "
+        f"print('RESULT ' + json.dumps(one_config({backend!r}, {model!r}, {n_layer}, {batch}, {str(out_dir)!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=out_dir, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"config run failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return json.loads(lines[-1][7:])
 
 
 def predict(cfg, profile, schedule_default: str) -> float:
@@ -151,10 +168,8 @@ def predict(cfg, profile, schedule_default: str) -> float:
 def test_sim_predicts_cpu_step(backend, model, n_layer, batch, tmp_path):
     if backend == "streaming" and (why := streaming_available()):
         pytest.skip(f"backend=streaming unavailable: {why}; the lead runs this after merging the executor")
-    cfg = config(backend, model, n_layer, batch, tmp_path)
-    profile = cpu_profile(cfg, batch, tmp_path, resident=backend == "resident")
-    measured = measure(cfg)
-    predicted = predict(cfg, profile, "batch_major" if backend == "streaming" else "resident")
+    result = run_config(backend, model, n_layer, batch, tmp_path)
+    measured, predicted = result["measured"], result["predicted"]
     ratio = predicted / measured
     shape = f"{model} L{n_layer} b{batch} s{SEQ}"
     record("sim_validation", op=f"step {backend}", shape=shape, dtype="fp32", impl="measured", ms=measured * 1e3)
