@@ -144,11 +144,17 @@ def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp
 
         return StreamingEngine(adapter, groups, settings, device, amp, swarm=swarm,
                                **asdict(cfg.backend.streaming))  # fmt: skip
+    if name == "fsdp":  # FSDP2 over the torchrun job's ranks (the trainer has joined the process group)
+        from dataclasses import asdict
+
+        from crystal.streaming.backends.fsdp import FSDPEngine
+
+        return FSDPEngine(adapter, groups, settings, device, amp, **asdict(cfg.backend.fsdp))
     if name == "cerebras":  # cerebras-pytorch, in its own venv (crystal/cerebras.py)
         from crystal.cerebras import build_cerebras_engine
 
         return build_cerebras_engine(cfg, adapter, groups, settings, amp)
-    raise ValueError(f"backend.name={name!r} is not available; known backends: resident, streaming, cerebras")
+    raise ValueError(f"backend.name={name!r} is not available; known backends: resident, streaming, fsdp, cerebras")
 
 
 def unigram_entropy(data: PreparedData, weights: dict[str, float]) -> float:
@@ -376,24 +382,52 @@ class Trainer:
         check_host_memory(self.host_plan)
 
     def _join_swarm(self):
-        """Under torchrun with WORLD_SIZE > 1: SwarmX data parallel (backend=streaming only)."""
+        """Under torchrun with WORLD_SIZE > 1: SwarmX data parallel (backend=streaming) or FSDP (backend=fsdp).
+        The Swarm is the trainer's handle on the ranks (rank, world, barrier) for both."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.cfg.backend.name == "fsdp":
+            return self._join_fsdp(world)
         if world <= 1:
             return None
         if self.cfg.backend.name != "streaming":
             raise ValueError(
-                f"torchrun with WORLD_SIZE={world} needs backend=streaming (SwarmX data parallel); "
+                f"torchrun with WORLD_SIZE={world} needs backend=streaming (SwarmX data parallel) or backend=fsdp; "
                 f"backend={self.cfg.backend.name} runs on one device"
             )
+        self._check_batch_shares(world, "replicas")
+        from crystal.streaming.swarm import init_from_env
+
+        return init_from_env()
+
+    def _check_batch_shares(self, world: int, what: str) -> None:
         per_step = self.cfg.train.global_batch // self.cfg.train.micro_batch
         if per_step % world:
             raise ValueError(
                 f"train.global_batch / train.micro_batch = {per_step} micro-batches per step cannot be shared by "
-                f"{world} replicas; make it a multiple of {world}"
+                f"{world} {what}; make it a multiple of {world}"
             )
-        from crystal.streaming.swarm import init_from_env
 
-        return init_from_env()
+    def _join_fsdp(self, world: int):
+        """backend=fsdp runs under torchrun only, at any world size (1 included: the same engine and checkpoints
+        on one rank). Without torchrun there is no process group to shard over: one line says what to run."""
+        if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+            raise ValueError(
+                "backend=fsdp shards the model over the ranks of a torchrun job, and this process was not started by "
+                "torchrun; launch `torchrun --nproc_per_node=<GPUs> -m crystal.train backend=fsdp ...`, or use "
+                "backend=resident on one device"
+            )
+        self._check_batch_shares(world, "ranks")
+        replicate = self.cfg.backend.fsdp.dp_replicate
+        if world % replicate:
+            raise ValueError(
+                f"backend.fsdp.dp_replicate={replicate} does not divide the {world} ranks; use a divisor of {world} "
+                f"(usually the number of nodes)"
+            )
+        from crystal.streaming.backends.fsdp import init_process_group
+        from crystal.streaming.swarm import Swarm
+
+        init_process_group(resolve_device(self.cfg.train.device).type)
+        return Swarm()
 
     # -- run directory ----------------------------------------------------------------------------
 
@@ -442,6 +476,7 @@ class Trainer:
                 "torch_threads": torch.get_num_threads(),
                 "device": device_name(self.device),
                 "deterministic": self.deterministic,
+                "world_size": self.world,
             },  # fmt: skip
         }
 
@@ -468,12 +503,16 @@ class Trainer:
         self.metrics.log("checkpoint", step=self.step, tokens=self.tokens, checkpoint=step_dir_name(self.step),
                          ckpt_kind=kind, ends_chunk=ends_chunk)  # fmt: skip
         meta = {**self.state_dict(), "ends_chunk": ends_chunk}
+        # A sharded engine (fsdp) gathers its state with every rank taking part; rank 0 receives fresh host copies.
+        collective = getattr(self.engine, "collective_state", False)
+        tensors = self.engine.state_dict() if self.writer or collective else None
         if self.writer:  # replicas hold the same state: only rank 0 snapshots and writes it
             # An engine whose state dict is its own host tensors (streaming: the 7B store is 110 GiB, no room for
             # a copy) holds them unchanged until the background write has read them, instead of a snapshot.
             hold = getattr(self.engine, "hold_state", None)
-            self.checkpointer.save(self.run_dir, self.step, self.engine.state_dict(), meta, self.config_yaml,
-                                   blocking=blocking, kind=kind, extra_files=extra, copy=hold is None)  # fmt: skip
+            copy = hold is None and not getattr(self.engine, "state_dict_is_copy", False)
+            self.checkpointer.save(self.run_dir, self.step, tensors, meta, self.config_yaml,
+                                   blocking=blocking, kind=kind, extra_files=extra, copy=copy)  # fmt: skip
             if hold is not None:
                 hold(self.checkpointer.join)
 
@@ -516,6 +555,11 @@ class Trainer:
         events = self._check_config_unchanged(ckpt.config_yaml, path) if same_stage else []
         events += [{"event": "skipped_invalid_checkpoint", "checkpoint": str(bad), "error": str(error),
                     "resumed_from": str(path)} for bad, error in skipped]  # fmt: skip
+        was = meta.get("env", {}).get("world_size")  # None: a checkpoint from before world sizes were recorded
+        if was is not None and was != self.world:  # the flat checkpoint layout reshards itself: record, not refuse
+            events.append({"event": "world_size_changed", "checkpoint": str(path), "was": was, "now": self.world,
+                           "backend": self.cfg.backend.name})  # fmt: skip
+            self.log(f"resuming {path} (saved by {was} ranks) on {self.world}; the sum order changes with it")
         self.engine.load_state_dict(ckpt.tensors)
         if not same_stage:
             # Stage transition (CrystalCoder 1 -> 2 -> 3): weights and Adam moments carry over; the step
@@ -613,7 +657,7 @@ class Trainer:
         tok_s = result.tokens / dt
         return {
             "step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-            "tok_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak_flops, "chunk": self.chunk,
+            "tok_s": tok_s, "mfu": tok_s * self.flops_per_token / (self.peak_flops * self.world), "chunk": self.chunk,
             "skipped": result.skipped, "rolled_back": self._rolled_back,
             "samples": [first_sample, self.loader.sample_index], "step_s": dt,
         }  # fmt: skip
