@@ -197,3 +197,21 @@ def test_bad_fsdp_setups_get_one_line_errors(fast_config, monkeypatch, env, over
     with pytest.raises(ValueError, match=message) as e:
         Trainer(fast_config(*SMALL, "backend=fsdp", *overrides), log=lambda *_: None)
     assert "\n" not in str(e.value)
+
+
+def test_sim_gpu_recommends_fsdp_when_the_model_fits_and_streaming_when_not():
+    from crystal.streaming.sim.gpu import Alt, recommend
+    from crystal.streaming.sim.profile import load_profile
+    from crystal.streaming.sim.shapes import load_shape
+
+    shape, h100 = load_shape("crystalcoder_7b"), load_profile("h100")
+    rows = [Alt("weight streaming", 1, "b=4", 450.8, 9_596, 0.41, 29.1, 7.6, True),
+            Alt("FSDP (ZeRO-3)", 8, "b=4", 40.2, 107_492, 0.58, 0.2, 58.5, True),
+            Alt("weight streaming", 8, "b=4", 57.8, 74_886, 0.40, 5.1, 7.6, True),
+            Alt("FSDP (ZeRO-3)", 64, "b=11", 7.2, 598_891, 0.40, 0.1, 19.8, True),
+            Alt("weight streaming", 64, "b=1", 6.7, 641_828, 0.43, 0.2, 20.7, True)]  # fmt: skip
+    recs = {r.gpus: r for r in recommend(rows, shape, h100)}
+    # one H100 cannot hold the 7B's 16 bytes per parameter: the figure comes from the sim's memory model
+    assert recs[1].backend == "streaming" and "resident does not fit: needs 1" in recs[1].why
+    assert recs[8].backend == "fsdp" and "58.5 GB per GPU" in recs[8].why
+    assert recs[64].backend == "streaming" and "641,828 tokens/s vs fsdp 598,891" in recs[64].why
