@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from crystal.streaming.sim.engine import Engine
-from crystal.streaming.sim.profile import ClusterProfile
+from crystal.streaming.sim.profile import DTYPE_BYTES, ClusterProfile
 from crystal.streaming.sim.shapes import ModelShape
 from crystal.streaming.sim.timing import ADAM_DEVICE_BYTES, block_times, simulate
 
@@ -100,13 +100,16 @@ def fsdp(shape: ModelShape, prof: ClusterProfile, n: int, b: int, ckpt: bool, of
     bt = block_times(shape, prof.device, b, seq)
     bw = _bw(prof, n, n > prof.network.devices_per_node)
     frac = (n - 1) / n  # 0 on one GPU: FSDP2 with offload there is copies + host AdamW, no collectives
-    ag, rs = frac * 2 * Pb / bw, frac * 4 * Pb / bw
-    ag_n, rs_n = frac * 2 * Pn / bw, frac * 4 * Pn / bw
+    wb = DTYPE_BYTES[prof.device.compute_dtype]  # a gathered weight: bf16 on GPUs, fp32 in a CPU (gloo) run
+    ag, rs = frac * wb * Pb / bw, frac * 4 * Pb / bw
+    ag_n, rs_n = frac * wb * Pn / bw, frac * 4 * Pn / bw
     h2d = 4 * Pb / n / (prof.link.h2d_gbps * 1e9) if offload else 0.0
     d2h = 4 * Pb / n / (prof.link.d2h_gbps * 1e9) if offload else 0.0
     opt = P / n / (prof.host.optimizer_mparams_per_s * 1e6) if offload else P / n * ADAM_DEVICE_BYTES / (
         prof.device.memory_gbps * 1e9)  # fmt: skip
-    eng = Engine(shared=("h2d", "d2h", prof.link.duplex_gbps / (prof.link.h2d_gbps + prof.link.d2h_gbps)))
+    # A device without copy engines (a CPU: link.overlap false) runs collectives on the cores that compute.
+    eng = Engine(serial=not prof.link.overlap,
+                 shared=("h2d", "d2h", prof.link.duplex_gbps / (prof.link.h2d_gbps + prof.link.d2h_gbps)))  # fmt: skip
     prev_opt = None
     for s in range(2):
         gathers: list[list] = []  # [gather task, last compute using it]; gather k reuses the buffer of k - 2
