@@ -492,9 +492,15 @@ class FSDPConfig:
     # HSDP: > 1 replicates over this many groups and shards within each (a 2-D mesh dp_replicate x dp_shard);
     # set it to the number of nodes so that the reduce-scatter stays on NVLink. 1 = shard over every rank.
     dp_replicate: int = 1
+    # step: micro-batches accumulate full-size gradients on each GPU and are reduce-scattered once per step (the
+    # least network; + 4 bytes/param per GPU); micro_batch: reduce-scatter after each (sharded accumulation, 1/N of
+    # that memory, a reduce-scatter per micro-batch). The 7B on 8 H100s needs micro_batch (docs/backends.md).
+    grad_sync: str = "step"
 
     def __post_init__(self) -> None:
-        for key, allowed in (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16"))):
+        choices = (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16")),
+                   ("grad_sync", ("step", "micro_batch")))  # fmt: skip
+        for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"backend.fsdp.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
         if self.dp_replicate < 1:

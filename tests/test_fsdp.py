@@ -67,13 +67,16 @@ def fsdp_engine(**options):
 
 def _ranks(rank: int, world: int, port: int, out: str) -> None:
     """One process group: training steps vs the resident reference, a NaN on one rank, a resident state loaded
-    and continued. At 4 ranks with activation checkpointing and HSDP (2 replicas x 2 shards)."""
+    and continued. At 4 ranks with activation checkpointing, HSDP (2 replicas x 2 shards) and a reduce-scatter
+    per micro-batch; at 2 ranks with the default: 4 micro-batches accumulated locally, one reduce-scatter."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        options = {"activation_checkpointing": True, "dp_replicate": 2} if world == 4 else {}
+        options = (
+            {"activation_checkpointing": True, "dp_replicate": 2, "grad_sync": "micro_batch"} if world == 4 else {}
+        )
         engine, adapter = fsdp_engine(**options)
         results = [engine.train_step(step_batches(step)[rank::world], LR) for step in range(STEPS)]
         held_out = engine.eval_loss(batches(99, 1)[0])

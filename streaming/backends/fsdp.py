@@ -110,11 +110,13 @@ class FSDPEngine:
         reshard_after_forward: bool = True,
         activation_checkpointing: bool = False,
         dp_replicate: int = 1,
+        grad_sync: str = "step",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("backend=fsdp needs torch.distributed initialised (launch with torchrun)")
         self.adapter, self.settings, self.device, self.autocast_dtype = adapter, settings, device, autocast_dtype
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.sync_every_micro_batch = grad_sync == "micro_batch"
         self.mesh = build_mesh(device.type, self.world, dp_replicate)
         self.param_dtype = resolve_param_dtype(param_dtype, autocast_dtype)
         # The blocks' inputs are not cast to param_dtype (cast_forward_inputs=False): the residual stream stays
@@ -164,13 +166,15 @@ class FSDPEngine:
 
     def train_step(self, micro_batches: list[Any], lr: float) -> StepResult:
         """`micro_batches` is this rank's share of the step (the trainer deals them out rank::world); every rank
-        holds the same number. Gradients are reduce-scattered once, after the last micro-batch."""
+        holds the same number. Gradients are reduce-scattered once, after the last micro-batch (grad_sync=step),
+        or after each (grad_sync=micro_batch: sharded accumulation, 1/N of the gradient memory)."""
         self.model.train()
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
         tokens = 0
         for i, mb in enumerate(micro_batches):
-            self.model.set_requires_gradient_sync(i == n - 1)  # accumulate locally, reduce once
+            # grad_sync=step: accumulate unsharded gradients locally, reduce-scatter once after the last micro-batch
+            self.model.set_requires_gradient_sync(i == n - 1 or self.sync_every_micro_batch)
             mb = self.adapter.to_device(mb, self.device)
             with self._autocast():
                 loss = self.adapter.loss(mb)
