@@ -35,9 +35,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from bench import test_sim_validation
 from bench.conftest import record
 
 REPO = Path(__file__).resolve().parent.parent
+cpu_profile = test_sim_validation.cpu_profile  # the fixture: a cpu profile calibrated on the spot, or a saved one
 SEQ, STEPS = 128, 4  # the first step is a warm-up
 CONFIGS = [(2, 2, 4), (4, 2, 4), (2, 4, 4), (4, 4, 4)]  # (ranks, layers, sequences per rank and step)
 
@@ -130,17 +132,6 @@ def _rank(rank: int, world: int, port: int, layers: int, batch: int, out: str) -
         torch.save({"step_s": statistics.median(steps[1:]), "gbps": 2 * moved / (ag + rs) / 1e9}, f"{out}/r{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def cpu_profile(tmp_path_factory):
-    from crystal.streaming.sim.calibrate import calibrate
-    from crystal.streaming.sim.profile import load_profile
-
-    torch.set_num_threads(int(os.environ.get("CRYSTAL_SIM_THREADS", "1")))
-    saved = os.environ.get("CRYSTAL_SIM_PROFILE")
-    path = Path(saved) if saved else calibrate(tmp_path_factory.mktemp("sim") / "cpu.yaml", budget_s=10.0)
-    return load_profile(path)
 
 
 @pytest.mark.parametrize(("world", "layers", "batch"), CONFIGS)

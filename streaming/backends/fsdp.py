@@ -22,7 +22,6 @@ rank's shard out of the full tensor it read, with no communication.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Any
@@ -35,6 +34,9 @@ from crystal.streaming.backends.base import (
     ParamGroupSpec,
     StepResult,
     StreamableModel,
+    accumulate_gradients,
+    autocast,
+    build_adamw,
     check_adam_state_keys,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -136,27 +138,13 @@ class FSDPEngine:
         self.model: FSDPModule = model  # type: ignore[assignment]
         self.named = dict(model.named_parameters())  # DTensors sharded on dim 0, same names as the model's
         self.names = {p: n for n, p in self.named.items()}
-        grouped = {n for g in groups for n in g.param_names}
-        if grouped != set(self.named):
-            raise ValueError(
-                f"parameter groups do not cover the model exactly: {sorted(set(self.named) ^ grouped)[:5]}"
-            )
-        torch_groups = [
-            {"params": [self.named[n] for n in g.param_names], "lr_scale": g.lr_scale,
-             "weight_decay": g.weight_decay, "name": g.name}
-            for g in groups if g.param_names
-        ]  # fmt: skip
-        self.optimizer = torch.optim.AdamW(
-            torch_groups, lr=0.0, betas=tuple(settings.betas), eps=settings.eps, fused=device.type in ("cpu", "cuda")
-        )
+        self.optimizer = build_adamw(groups, self.named, settings, device)  # on the shards: elementwise, as resident
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _autocast(self):
         """Autocast beside FSDP's bf16 parameters keeps the ops autocast runs in fp32 (norms, softmax, the loss)
         in fp32, as the resident engine's autocast does."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def _sum(self, values: list[float]) -> list[float]:
         """Sum scalars over ranks (float64 on the host for gloo, on the device for NCCL)."""
@@ -170,18 +158,12 @@ class FSDPEngine:
         or after each (grad_sync=micro_batch: sharded accumulation, 1/N of the gradient memory)."""
         self.model.train()
         n = len(micro_batches)
-        total = torch.zeros((), device=self.device)
-        tokens = 0
-        for i, mb in enumerate(micro_batches):
-            # grad_sync=step: accumulate unsharded gradients locally, reduce-scatter once after the last micro-batch
+
+        def sync(i: int) -> None:  # grad_sync=step: accumulate full-size gradients, reduce-scatter after the last
             self.model.set_requires_gradient_sync(i == n - 1 or self.sync_every_micro_batch)
-            mb = self.adapter.to_device(mb, self.device)
-            with self._autocast():
-                loss = self.adapter.loss(mb)
-            # FSDP averages the reduced gradient over the ranks: / n here makes it the mean over all micro-batches.
-            (loss / n).backward()
-            total += loss.detach().float()
-            tokens += self.adapter.num_tokens(mb)
+
+        # Each rank's gradients are the mean over its micro-batches; FSDP's reduction averages them over the ranks.
+        total, tokens = accumulate_gradients(self.adapter, micro_batches, self.device, self.autocast_dtype, sync)
         loss_sum, tokens_sum = self._sum([total.item(), float(tokens)])
         loss_value, tokens = loss_sum / (n * self.world), int(tokens_sum)
         norm_value = self._clip()
