@@ -571,7 +571,8 @@ class Trainer:
                 self.metrics.log("event", step=0, **row)
             return
         if own:
-            newer = move_aside(self.run_dir, meta["step"], f"superseded-at-{meta['step']}")  # an older one was named
+            # an older one was named; rank 0 alone moves the run's files (the ranks would race on the same renames)
+            newer = move_aside(self.run_dir, meta["step"], f"superseded-at-{meta['step']}") if self.writer else []
             self.load_state_dict(meta)
             if newer:
                 self.metrics.log("event", event="resumed_from_older", step=self.step, checkpoint=path.name,
@@ -719,7 +720,7 @@ class Trainer:
                   "rollback": self.rollbacks + 1, "to_step": step_of(target)}  # fmt: skip
         windows, rollbacks = [*self.skipped_windows, window], self.rollbacks + 1
         from_step, from_tokens = self.step, self.tokens
-        moved = move_aside(self.run_dir, step_of(target), f"rolled-back-{rollbacks}")
+        moved = move_aside(self.run_dir, step_of(target), f"rolled-back-{rollbacks}") if self.writer else []
         ckpt = self._load_checkpoint(target)
         self.engine.load_state_dict(ckpt.tensors)
         self.load_state_dict(ckpt.meta)

@@ -139,8 +139,8 @@ def torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def events(run_dir: Path, name: str) -> list[dict]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl", "event") if r.get("event") == name]
+def events(run_dir: Path, name: str, file: str = "metrics.jsonl") -> list[dict]:
+    return [r for r in read_metrics(run_dir / file, "event") if r.get("event") == name]
 
 
 def test_docs_command_and_checkpoints_interchange_with_resident(fast_config, tmp_path):
@@ -151,8 +151,11 @@ def test_docs_command_and_checkpoints_interchange_with_resident(fast_config, tmp
     (line,) = [x.strip() for x in doc.splitlines() if x.strip().startswith(DOC_COMMAND)]
     docs_args = line.split()[len(DOC_COMMAND.split()) :]  # the docs' tiny step counts: 4 steps, checkpoints every 2
     assert "train.steps=4" in docs_args and "train.ckpt_every=2" in docs_args
+    # step 3 (the first under fsdp) meets a NaN on one rank's samples: skipped on both ranks, rolled back to step 2
+    # (max_nonfinite=1), its samples excluded; the uninterrupted run meets and handles the same NaN on one process
     common = [*FAST_DATA, *SMALL, "optim.decay_steps=8", "train.eval_batches=1", "train.plots=false",
-              f"train.out_dir={tmp_path}", "train.run_name=run"]  # fmt: skip
+              "train.debug_nan_steps=[3]", "train.max_nonfinite=1", f"train.out_dir={tmp_path}",
+              "train.run_name=run"]  # fmt: skip
     run_trainer(fast_config(*docs_args, *common, "train.stop_after=2"))
     torchrun([*docs_args, *common, "train.resume=latest"], tmp_path)
     run_trainer(fast_config(*docs_args, *common, "train.steps=6", "train.resume=latest"))
@@ -163,9 +166,17 @@ def test_docs_command_and_checkpoints_interchange_with_resident(fast_config, tmp
     lr = max(r["lr"] for r in read_metrics(whole.run_dir / "metrics.jsonl", "train"))
     state = load_checkpoint(find_latest(tmp_path / "run")).tensors
     assert_close_states(state, load_checkpoint(find_latest(whole.run_dir)).tensors, lr * 6)
-    switches = [(e["from"], e["to"]) for e in events(tmp_path / "run", "backend_changed")]
-    sizes = [(e["was"], e["now"]) for e in events(tmp_path / "run", "world_size_changed")]
+    # the rollback to step 2 rewound the rows logged after it, the resume's events among them, to metrics.replaced
+    switches, sizes = [], []
+    for file in ("metrics.replaced.jsonl", "metrics.jsonl"):
+        switches += [(e["from"], e["to"]) for e in events(tmp_path / "run", "backend_changed", file)]
+        sizes += [(e["was"], e["now"]) for e in events(tmp_path / "run", "world_size_changed", file)]
     assert switches == [("resident", "fsdp"), ("fsdp", "resident")] and sizes == [(1, 2), (2, 1)]
+    (rollback,) = events(tmp_path / "run", "rollback")
+    assert rollback["to_checkpoint"] == "step-00000002" and rollback == {
+        **events(whole.run_dir, "rollback")[0],
+        "moved_aside": rollback["moved_aside"],
+    }
     assert not (tmp_path / "run" / "replicas").exists()  # rank 0 alone writes the run
     # the release: chunk 1 (steps 3-4) was trained by fsdp; one device replays it within a stated tolerance
     from crystal.release import ReleaseError, build, verify
