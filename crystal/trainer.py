@@ -216,8 +216,12 @@ def config_changes(old: Config, new: Config) -> list[str]:
 def backend_computation(cfg: Config) -> dict[str, Any]:
     """The settings of the backend in use that change what a step computes, by config key, resolved (adamw=auto
     -> the equation its target runs). resident and streaming have none: how blocks are streamed never changes
-    the result (streamed steps equal resident ones bit for bit). Cerebras targets and cluster settings are
-    where the run executes, like train.device."""
+    the result (streamed steps equal resident ones bit for bit). fsdp's dtypes round what it computes (its
+    sharding, checkpointing and sync settings only reorder sums, like a world size). Cerebras targets and cluster
+    settings are where the run executes, like train.device."""
+    if cfg.backend.name == "fsdp":  # param_dtype auto follows train.precision, itself compared
+        return {"backend.fsdp.param_dtype": cfg.backend.fsdp.param_dtype,
+                "backend.fsdp.reduce_dtype": cfg.backend.fsdp.reduce_dtype}  # fmt: skip
     if cfg.backend.name != "cerebras":
         return {}
     c = cfg.backend.cerebras

@@ -225,3 +225,18 @@ def test_sim_gpu_recommends_fsdp_when_the_model_fits_and_streaming_when_not():
     assert recs[1].backend == "streaming" and "resident does not fit: needs 1" in recs[1].why
     assert recs[8].backend == "fsdp" and "58.5 GB per GPU" in recs[8].why
     assert recs[64].backend == "streaming" and "641,828 tokens/s vs fsdp 598,891" in recs[64].why
+
+
+def test_a_resume_refuses_changed_fsdp_dtypes_but_not_its_layout_settings():
+    """reduce_dtype / param_dtype round what a step computes; sharding, checkpointing and sync only reorder sums."""
+    from crystal.trainer import config_changes
+    from tests.conftest import compose_config
+
+    run = compose_config(["backend=fsdp"])
+    assert config_changes(run, compose_config(["backend=fsdp", "backend.fsdp.reduce_dtype=bf16"])) == [
+        "backend.fsdp.reduce_dtype"
+    ]
+    layout = ["backend.fsdp.grad_sync=micro_batch", "backend.fsdp.activation_checkpointing=true",
+              "backend.fsdp.dp_replicate=2", "backend.fsdp.reshard_after_forward=false"]  # fmt: skip
+    assert config_changes(run, compose_config(["backend=fsdp", *layout])) == []
+    assert config_changes(run, compose_config(["backend=resident"])) == []  # a switch is an event, not a change
