@@ -483,8 +483,8 @@ class FSDPConfig:
     """backend=fsdp: FSDP2 (fully_shard per block and on the root) across the ranks of a torchrun job, for a model
     whose weights, gradients and AdamW state fit the GPUs together (docs/backends.md)."""
 
-    # dtype the blocks compute in (the all-gathered copy; fp32 master shards stay): auto (bf16 when
-    # train.precision resolves to bf16, the GPU default; fp32 on CPU) | fp32 | bf16
+    # dtype the blocks compute in (the all-gathered copy; fp32 master shards stay): auto (bf16 on a GPU when
+    # train.precision resolves to bf16, the GPU default; else fp32) | fp32 | bf16 (GPU only)
     param_dtype: str = "auto"
     reduce_dtype: str = "fp32"  # gradients are reduce-scattered in: fp32 | bf16 (half the network bytes)
     reshard_after_forward: bool = True  # free gathered blocks after forward (ZeRO-3); false keeps them (ZeRO-2)

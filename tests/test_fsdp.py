@@ -240,3 +240,13 @@ def test_a_resume_refuses_changed_fsdp_dtypes_but_not_its_layout_settings():
               "backend.fsdp.dp_replicate=2", "backend.fsdp.reshard_after_forward=false"]  # fmt: skip
     assert config_changes(run, compose_config(["backend=fsdp", *layout])) == []
     assert config_changes(run, compose_config(["backend=resident"])) == []  # a switch is an event, not a change
+
+
+def test_param_dtype_auto_is_bf16_only_on_a_gpu_computing_in_bf16():
+    from crystal.streaming.backends.fsdp import resolve_param_dtype
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert resolve_param_dtype("auto", bf16, cuda) == bf16 and resolve_param_dtype("auto", None, cuda) == torch.float32
+    assert resolve_param_dtype("auto", bf16, CPU) == torch.float32  # CPU: autocast alone, as resident
+    with pytest.raises(ValueError, match="param_dtype=bf16 needs a GPU.*param_dtype=auto"):
+        resolve_param_dtype("bf16", bf16, CPU)

@@ -55,11 +55,17 @@ def init_process_group(device_type: str) -> None:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
-def resolve_param_dtype(setting: str, autocast_dtype: torch.dtype | None) -> torch.dtype:
-    """backend.fsdp.param_dtype: auto follows train.precision (bf16 when the run computes in bf16 -- the GPU
-    default -- else fp32, so a CPU run is fp32 throughout); fp32 / bf16 force it."""
+def resolve_param_dtype(setting: str, autocast_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """backend.fsdp.param_dtype: auto is bf16 on a GPU computing in bf16 (the GPU default), else fp32 -- on a CPU
+    bf16 autocast (train.precision=bf16) then runs the matmuls in bf16 as it does for backend=resident. CPU autocast
+    does not widen a norm's bf16 weight as CUDA's does, so bf16 weights on a CPU are refused."""
     if setting == "auto":
-        return autocast_dtype if autocast_dtype is not None else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and autocast_dtype == torch.bfloat16 else torch.float32
+    if setting == "bf16" and device.type != "cuda":
+        raise ValueError(
+            "backend.fsdp.param_dtype=bf16 needs a GPU: CPU autocast leaves the norms' bf16 weights unwidened; use "
+            "backend.fsdp.param_dtype=auto (fp32 weights, bf16 matmuls under train.precision=bf16)"
+        )
     return DTYPES[setting]
 
 
@@ -120,11 +126,15 @@ class FSDPEngine:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.sync_every_micro_batch = grad_sync == "micro_batch"
         self.mesh = build_mesh(device.type, self.world, dp_replicate)
-        self.param_dtype = resolve_param_dtype(param_dtype, autocast_dtype)
-        # The blocks' inputs are not cast to param_dtype (cast_forward_inputs=False): the residual stream stays
-        # fp32 between blocks as under the resident engine's autocast, only the matmuls run in bf16.
+        self.param_dtype = resolve_param_dtype(param_dtype, autocast_dtype, device)
+        # Blocks compute on param_dtype copies of their weights, but their inputs are not cast (cast_forward_inputs
+        # False), and the root (embedding, final norm, tied head: 2% of the 7B) keeps fp32 weights, so the embedding
+        # and with it the residual stream stay fp32 as under the resident engine's autocast; autocast still runs
+        # the head's matmul in bf16. All gradients are reduced in reduce_dtype.
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=DTYPES[reduce_dtype],
                                       cast_forward_inputs=False)  # fmt: skip
+        root_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=DTYPES[reduce_dtype],
+                                           cast_forward_inputs=False)  # fmt: skip
         model = adapter.model
         for block in adapter.blocks:
             if activation_checkpointing:
@@ -134,7 +144,7 @@ class FSDPEngine:
             last = block is adapter.blocks[len(adapter.blocks) - 1]
             fully_shard(block, mesh=self.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward
                         and not last)  # fmt: skip
-        fully_shard(model, mesh=self.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=self.mesh, mp_policy=root_policy, reshard_after_forward=reshard_after_forward)
         self.model: FSDPModule = model  # type: ignore[assignment]
         self.named = dict(model.named_parameters())  # DTensors sharded on dim 0, same names as the model's
         self.names = {p: n for n, p in self.named.items()}
