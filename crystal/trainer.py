@@ -724,6 +724,8 @@ class Trainer:
                   "rollback": self.rollbacks + 1, "to_step": step_of(target)}  # fmt: skip
         windows, rollbacks = [*self.skipped_windows, window], self.rollbacks + 1
         from_step, from_tokens = self.step, self.tokens
+        if self.swarm:  # every rank has chosen its target before rank 0 moves the newer checkpoints aside
+            self.swarm.barrier()
         moved = move_aside(self.run_dir, step_of(target), f"rolled-back-{rollbacks}") if self.writer else []
         ckpt = self._load_checkpoint(target)
         self.engine.load_state_dict(ckpt.tensors)
