@@ -164,8 +164,8 @@ def test_sharded_replicas_equal_one_process_and_reshard_their_checkpoints(tmp_pa
 
 
 def docs_command() -> list[str]:
-    """The 4-rank CPU command docs/streaming.md gives (the test runs exactly it, plus small-run settings)."""
-    line = next(ln.strip() for ln in (REPO / "docs" / "streaming.md").read_text().splitlines()
+    """The 4-rank CPU command docs/cluster.md gives (the test runs exactly it, plus small-run settings)."""
+    line = next(ln.strip() for ln in (REPO / "docs" / "cluster.md").read_text().splitlines()
                 if ln.strip().startswith("torchrun --nproc_per_node=4"))  # fmt: skip
     assert line == "torchrun --nproc_per_node=4 -m crystal.train backend=streaming train.device=cpu"
     return shlex.split(line)
@@ -187,7 +187,8 @@ def test_torchrun_four_sharded_replicas_end_to_end_and_resume_on_one(fast_config
     rows = read_metrics(tmp_path / "dp" / "metrics.jsonl")
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2]
-    assert all(r["collective_s"] > 0 and r["h2d_bytes"] > 0 and r["d2h_bytes"] > 0 for r in train_rows)
+    assert all(r["collective_s"] > 0 and r["d2h_bytes"] > 0 for r in train_rows)
+    assert train_rows[-1]["h2d_bytes"] > 0  # step 1 finds both blocks still in the slots from the first evaluation
     (report,) = [r for r in rows if r.get("event") == "host_memory"]
     assert [r["rank"] for r in report["ranks"]] == [0, 1, 2, 3]
     latest = find_latest(tmp_path / "dp")
