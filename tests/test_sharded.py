@@ -201,3 +201,20 @@ def test_torchrun_four_sharded_replicas_end_to_end_and_resume_on_one(fast_config
     (changed,) = [r for r in rows if r.get("event") == "world_size_changed"]
     assert changed["was"] == 4 and changed["now"] == 1 and changed["sharded"]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [3]
+
+
+def test_the_cluster_model_divides_host_memory_and_link_bytes_by_the_shards():
+    from crystal.streaming.sim.cluster import streaming_row, table
+    from crystal.streaming.sim.profile import load_profile
+    from crystal.streaming.sim.shapes import load_shape
+
+    shape, prof = load_shape("crystalcoder_7b"), load_profile("h100")
+    for n, b in ((8, 4), (64, 3)):
+        rep, shard = (streaming_row(shape, prof, n, b, "batch_major", sharded, 2048) for sharded in (False, True))
+        assert shard.host_gb_per_node == pytest.approx(rep.host_gb_per_node / n)
+        assert shard.pcie_gb_per_gpu == pytest.approx(rep.pcie_gb_per_gpu / n)
+        # one node: the host's work on full gradients bounds the replicated store; across nodes, gathering every
+        # block for every micro-batch over InfiniBand bounds the sharded one (layer_major gathers once a step)
+        assert (shard.tokens_s > rep.tokens_s) == (n == 8) and shard.bound == ("compute" if n == 8 else
+                                                                              "device collectives")  # fmt: skip
+    assert rep.host_gb_per_node > 900 and "| streaming, sharded store | 64 |" in table([shard], markdown=True)
