@@ -377,7 +377,9 @@ class Trainer:
                                           grad_dtype=s.grad_dtype, pin_memory=s.pin_memory,
                                           staging_buffers=s.staging_buffers,
                                           world=self.world if s.shard_store else 1)  # fmt: skip
-        check_host_memory(self.host_plan)
+        # The ranks on this host allocate at once, each after its own check: the host must hold all of them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.swarm else 1
+        check_host_memory({f"{k} x {local} ranks" if local > 1 else k: v * local for k, v in self.host_plan.items()})
 
     def _report_host_memory(self) -> None:
         """Streaming: every rank prints its host bytes (store, pinned, staging) and its share of the store; rank 0
@@ -496,10 +498,12 @@ class Trainer:
             # An engine whose state dict is its own host tensors (streaming: the 7B store is 110 GiB, no room for
             # a copy) holds them unchanged until the background write has read them, instead of a snapshot.
             hold = getattr(self.engine, "hold_state", None)
-            tensors, shard = ({}, None) if sharded else (self.engine.state_dict(), None)
             if sharded:
                 share, layout = self.engine.shard_state()
-                shard, extra["shards.json"] = (self.rank, self.world, share), json.dumps(layout, indent=0)
+                tensors, shard = {}, (self.rank, self.world, share)
+                extra["shards.json"] = json.dumps(layout, indent=0)
+            else:
+                tensors, shard = self.engine.state_dict(), None
             self.checkpointer.save(self.run_dir, self.step, tensors, meta, self.config_yaml, blocking=blocking,
                                    kind=kind, extra_files=extra, copy=hold is None, shard=shard,
                                    assemble=self.writer)  # fmt: skip

@@ -132,7 +132,7 @@ class ShardUnit(Unit):
             self.grad_ready = True
 
     def average(self) -> None:
-        """The reduce-scatters summed over replicas: the gradient of the global mean loss is the sum over N."""
+        """The reduce-scatters summed over replicas; the gradient of the mean loss over replicas is that sum / N."""
         self.grad[: self.own].div_(self.world)
 
 

@@ -101,16 +101,9 @@ class StreamingEngine:
             held = sum(p.numel() * p.element_size() for p in adapter.model.parameters() if p.device.type == "cpu")
             check_host_memory(self.host_plan, already_held=held)
         if self.sharded:
-            self.store = ShardedStore(
-                adapter.model,
-                adapter.blocks,
-                swarm.rank,
-                swarm.world,
-                swarm.device_group,
-                pin=pin_memory and cuda,
-                stream_dtype=weights_dtype,
-                host_group=swarm.group,
-            )
+            self.store = ShardedStore(adapter.model, adapter.blocks, swarm.rank, swarm.world, swarm.device_group,
+                                      pin=pin_memory and cuda, stream_dtype=weights_dtype,
+                                      host_group=swarm.group)  # fmt: skip
             self.store.attach_device(device)
         else:
             self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype)
@@ -289,14 +282,10 @@ class StreamingEngine:
         self._finish_gradients()
         loss_value = loss.item()
         if self.sharded:  # one all-reduce: the loss, the tokens and every rank's squared gradient norm
-            local = torch.stack(
-                [
-                    torch.tensor(loss_value, dtype=torch.float64),
-                    torch.tensor(float(tokens), dtype=torch.float64),
-                    self.optimizer.local_square_norm(),
-                ]
-            )
-            summed = self.collectives.timed(self.swarm.sum_scalars, local)  # fmt: skip
+            local = torch.stack([torch.tensor(loss_value, dtype=torch.float64),
+                                 torch.tensor(float(tokens), dtype=torch.float64),
+                                 self.optimizer.local_square_norm()])  # fmt: skip
+            summed = self.collectives.timed(self.swarm.sum_scalars, local)
             loss_value, tokens = float(summed[0]) / self.swarm.world, int(summed[1])
             total, clip = self.optimizer.clip_from_square(float(summed[2]))
         elif self.swarm is not None:
