@@ -29,7 +29,7 @@ from crystal.checkpoint import AsyncCheckpointer, find_latest, list_checkpoints,
 from crystal.metrics import read_metrics
 from tests.conftest import FAST_DATA
 from tests.test_streaming import _free_port, batches, make_engine
-from tests.test_train import REPO, SMALL, run_trainer
+from tests.test_train import REPO, SMALL, run_trainer, train_losses
 
 LR, STEPS, MICRO = 1e-3, 3, 8  # 8 one-row micro-batches a step: 2 per rank at 4 ranks (gradient accumulation)
 SCHEDULES = ("batch_major", "layer_major")
@@ -172,9 +172,9 @@ def docs_command() -> list[str]:
 
 
 def test_torchrun_four_sharded_replicas_end_to_end_and_resume_on_one(fast_config, tmp_path):
-    """The docs' command on 4 CPU ranks: every rank reports its host bytes and share, step rows carry collective
-    time and link bytes, the checkpoint is 4 shard files; a one-process run resumes it (world size change
-    recorded) and continues."""
+    """The docs' command on 4 CPU ranks: its losses are a one-process run's, every rank reports its host bytes and
+    share, step rows carry collective time and link bytes, the checkpoint is 4 shard files; a one-process run
+    resumes it (world size change recorded) and continues."""
     args = [*FAST_DATA, *SMALL, "train.micro_batch=2", "train.steps=2", "train.ckpt_every=2", "train.plots=false",
             f"train.out_dir={tmp_path}"]  # fmt: skip
     cmd = docs_command()
@@ -194,6 +194,9 @@ def test_torchrun_four_sharded_replicas_end_to_end_and_resume_on_one(fast_config
     latest = find_latest(tmp_path / "dp")
     assert latest.name == "step-00000002" and (latest / "shards.json").is_file()
     assert len(list(latest.glob("shard-*-of-00004.safetensors"))) == 4
+
+    single = run_trainer(fast_config(*args, "backend=streaming", "train.run_name=single"))
+    assert [r["loss"] for r in train_rows] == pytest.approx(list(train_losses(single.run_dir).values()), rel=1e-5)
 
     one = run_trainer(fast_config(*args, "backend=streaming", "train.steps=3", "train.run_name=one",
                                   f"train.resume={tmp_path / 'dp'}"))  # fmt: skip
