@@ -228,8 +228,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_gpu_sharded_store_over_nccl_tracks_the_replicated_store(schedule, tmp_path):
+def test_gpu_sharded_store_over_nccl_tracks_the_replicated_store(tmp_path):
     """The CUDA path on one GPU (bench/run_gpu.sh): a one-rank NCCL group with the sharded store (pinned shares,
     all-gather on the copy stream, reduce-scatter on the gradient stream, host worker landing shares) steps as
     the replicated store does, to fp32 rounding."""
@@ -239,18 +238,20 @@ def test_gpu_sharded_store_over_nccl_tracks_the_replicated_store(schedule, tmp_p
     from tests.test_streaming import gpu_engine
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
-    engines = []
+    swarm, engines = None, []
     try:
-        sharded = gpu_engine("streaming", 4, swarm=Swarm(), schedule=schedule, overlap_optimizer="on")
-        plain = gpu_engine("streaming", 4, schedule=schedule, overlap_optimizer="on")
-        engines = [sharded, plain]
-        assert sharded.sharded and sharded.store.pinned
-        for step in range(3):
-            a, b = (e.train_step(batches(step, 2), LR) for e in engines)
-            assert (a.loss, a.grad_norm) == pytest.approx((b.loss, b.grad_norm), rel=1e-5)
-        for key in ("h2d_bytes", "d2h_bytes"):  # one rank: its share is everything
-            assert sharded.last_step_stats[key] == plain.last_step_stats[key]
-        assert_close_states(sharded.state_dict(), plain.state_dict(), 3)
+        swarm = Swarm()
+        for schedule in SCHEDULES:  # one process group for both: NCCL's start-up is the slow part
+            sharded = gpu_engine("streaming", 4, swarm=swarm, schedule=schedule, overlap_optimizer="on")
+            plain = gpu_engine("streaming", 4, schedule=schedule, overlap_optimizer="on")
+            engines += [sharded, plain]
+            assert sharded.sharded and sharded.store.pinned
+            for step in range(3):
+                a, b = (e.train_step(batches(step, 2), LR) for e in (sharded, plain))
+                assert (a.loss, a.grad_norm) == pytest.approx((b.loss, b.grad_norm), rel=1e-5), schedule
+            for key in ("h2d_bytes", "d2h_bytes"):  # one rank: its share is everything
+                assert sharded.last_step_stats[key] == plain.last_step_stats[key], (schedule, key)
+            assert_close_states(sharded.state_dict(), plain.state_dict(), 3)
     finally:
         for e in engines:
             e.close()
