@@ -256,3 +256,37 @@ def test_gpu_sharded_store_over_nccl_tracks_the_replicated_store(tmp_path):
         for e in engines:
             e.close()
         dist.destroy_process_group()
+
+
+def _nccl_ranks(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from crystal.streaming.swarm import Swarm
+
+    from tests.test_streaming import gpu_engine
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        engine = gpu_engine("streaming", 4, swarm=Swarm(), overlap_optimizer="on")
+        steps = train(engine, rank, world, range(STEPS))
+        state = engine.state_dict()
+        engine.close()
+        if rank == 0:
+            torch.save({"steps": steps, "state": state}, Path(out) / "nccl.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpus_sharded_store_over_nccl_equals_one_gpu(tmp_path, monkeypatch):
+    """2 GPUs over NCCL (reduce-scatter and all-gather on the device) against one GPU with the whole batch."""
+    from tests.test_streaming import gpu_engine
+
+    monkeypatch.setattr(sys, "path", [*sys.path, str(REPO)])
+    mp.spawn(_nccl_ranks, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "nccl.pt")
+    one = gpu_engine("streaming", 4, overlap_optimizer="on")
+    assert got["steps"] == pytest.approx(train(one, 0, 1, range(STEPS)), rel=1e-5)
+    assert_close_states(got["state"], one.state_dict(), STEPS)
+    one.close()
