@@ -20,7 +20,7 @@ and all_gather_into_tensor exist in torch 2.13, so no fallback is needed):
     block into the slot, so each GPU's link carries 1/N of the weights and the rest rides NVLink.
   - clipping: the global norm is the all-reduce of per-rank squared norms (fp64 sum), which sums in another
     order than one process's norm of per-parameter norms: equal to fp32 rounding, not bitwise.
-One replica never comes here: the engine keeps the replicated HostStore for WORLD_SIZE 1 (today's path, exact).
+The trainer never builds it for WORLD_SIZE 1: one process keeps the replicated HostStore (today's path, exact).
 """
 
 from __future__ import annotations

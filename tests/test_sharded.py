@@ -206,7 +206,8 @@ def test_torchrun_four_sharded_replicas_end_to_end_and_resume_on_one(fast_config
     assert [r["step"] for r in rows if r["kind"] == "train"] == [3]
 
 
-def test_the_cluster_model_divides_host_memory_and_link_bytes_by_the_shards():
+def test_the_cluster_model_divides_host_memory_and_link_bytes_by_the_shards(capsys):
+    from crystal.streaming.sim.cli import main
     from crystal.streaming.sim.cluster import streaming_row, table
     from crystal.streaming.sim.profile import load_profile
     from crystal.streaming.sim.shapes import load_shape
@@ -221,6 +222,9 @@ def test_the_cluster_model_divides_host_memory_and_link_bytes_by_the_shards():
         assert (shard.tokens_s > rep.tokens_s) == (n == 8) and shard.bound == ("compute" if n == 8 else
                                                                               "device collectives")  # fmt: skip
     assert rep.host_gb_per_node > 900 and "| streaming, sharded store | 64 |" in table([shard], markdown=True)
+    assert main(["cluster", "model=tiny", "sizes=8"]) == 0  # the docs' command, on a model small enough to be quick
+    printed = capsys.readouterr().out
+    assert all(layout in printed for layout in ("replicated store", "sharded store", "FSDP (ZeRO-3)", "CPU offload"))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
