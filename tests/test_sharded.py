@@ -86,6 +86,7 @@ def _ranks(rank: int, world: int, port: int, out: str) -> None:
             dist.barrier()  # saved before anyone dies
             writer = AsyncCheckpointer()
             save_sharded(engine, run_dir, STEPS, rank, world, writer)
+            dist.barrier()  # rank 0 has renamed the step-3 checkpoint into place
             if rank == 1:  # dies before its share of the next checkpoint exists; rank 0 is left waiting mid-step
                 os._exit(3)
             share, layout = engine.shard_state()
