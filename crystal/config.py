@@ -460,6 +460,9 @@ class StreamingConfig:
     fused_clip: str = "auto"
     host_threads: int = 0  # CUDA: torch threads of the host optimizer; 0 = cores - 2 (leaves the launcher a core)
     trace: bool = False  # record per-lane timings (<run>/streaming_trace.json, Chrome/Perfetto format)
+    # torchrun with N > 1 replicas: each rank holds 1/N of the store, gradients reduce-scattered and weights
+    # all-gathered on the device (streaming/sharded.py); false: every replica a full store (all-reduce on the host)
+    shard_store: bool = True
 
     def __post_init__(self) -> None:
         choices = {

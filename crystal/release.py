@@ -272,8 +272,11 @@ def started_from(run_dir: Path, init: Path) -> dict[str, Any] | None:
         meta = load_meta(src)
         out.update(stage=meta.get("stage", 0), step=meta["step"], manifest_sha256=file_sha256(src / "manifest.json"),
                    config=str(src / "config.yaml"))  # fmt: skip
+        # a sharded store's checkpoint holds shard-*.safetensors instead (docs/cluster.md): the same test on them
+        files = [f for f in ("model.safetensors", "optimizer.safetensors") if (src / f).is_file()] or sorted(
+            p.name for p in src.glob("shard-*.safetensors"))  # fmt: skip
         out["same_tensors_as_init"] = all(
-            file_sha256(src / f) == file_sha256(init / f) for f in ("model.safetensors", "optimizer.safetensors")
+            (init / f).is_file() and file_sha256(src / f) == file_sha256(init / f) for f in files
         )
     return out
 
@@ -391,7 +394,7 @@ def verify_chunk(release: Path, k: int, log=print, device: str = "cpu", atol: fl
         rows = [json.loads(line) for line in f]
     cfg, engine, end = _replay_setup(release, entry, torch.device(device))
     if cfg.backend.name == "fsdp" and atol == 0:
-        ranks = end.meta.get("env", {}).get("world_size", "several")
+        ranks = end.meta.get("world_size", "several")
         raise ReleaseError(
             f"chunk {k} was trained with backend=fsdp on {ranks} ranks, and one device sums the ranks' gradients in "
             f"another order, so its replay is not bitwise: pass --atol with the difference you accept (Adam moves a "

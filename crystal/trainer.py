@@ -341,6 +341,7 @@ class Trainer:
         model = build_model(cfg.model, device="cpu", seed=t.seed)
         self.adapter = CrystalAdapter(model, t.doc_masking, debug_poison(t))
         self.engine = build_engine(cfg, self.adapter, self.device, self.amp, self.swarm)
+        self._report_host_memory()
         self.metrics = (
             MetricsLogger(self.run_dir / "metrics.jsonl", self.run_dir / "tb" if t.tensorboard else None)
             if self.writer else NullMetrics()
@@ -363,6 +364,8 @@ class Trainer:
             self.log(self.no_heldout)
         if t.resume:
             self.resume(t.resume)
+        if getattr(self, "_host_report", None):
+            self.metrics.log("event", event="host_memory", step=self.step, ranks=self._host_report)
         if self.writer:
             self._write_run_files()  # after the resume checks: a refused resume leaves the run's files as they were
         self._fresh = not list_checkpoints(self.run_dir)  # decided by every replica before rank 0 writes one
@@ -382,8 +385,29 @@ class Trainer:
         rest, block, _ = unit_numels(one, one.blocks)
         self.host_plan = engine_host_plan((rest, block, m.n_layer), self.device, self.amp, stream_dtype=s.stream_dtype,
                                           grad_dtype=s.grad_dtype, pin_memory=s.pin_memory,
-                                          staging_buffers=s.staging_buffers)  # fmt: skip
-        check_host_memory(self.host_plan)
+                                          staging_buffers=s.staging_buffers,
+                                          world=self.world if s.shard_store else 1)  # fmt: skip
+        # The ranks on this host allocate at once, each after its own check: the host must hold all of them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.swarm else 1
+        check_host_memory({f"{k} x {local} ranks" if local > 1 else k: v * local for k, v in self.host_plan.items()})
+
+    def _report_host_memory(self) -> None:
+        """Streaming: every rank prints its host bytes (store, pinned, staging) and its share of the store; rank 0
+        logs all ranks' as one event."""
+        report = getattr(self.engine, "host_report", None)
+        if report is None:
+            return
+        mine = report()
+        gib = {k: f"{v / 2**30:.3f} GiB" for k, v in mine.items() if k.endswith("_bytes")}
+        line = f"[rank {self.rank}/{self.world}] host memory {gib}; share {mine.get('block_range', 'whole store')}"
+        (self.log if self.writer else lambda m: print(m, flush=True))(line)
+        ranks = [mine]
+        if self.swarm:
+            ranks = [None] * self.world
+            import torch.distributed as dist
+
+            dist.all_gather_object(ranks, mine, group=self.swarm.group)
+        self._host_report = ranks  # logged once the metrics file exists
 
     def _join_swarm(self):
         """Under torchrun with WORLD_SIZE > 1: SwarmX data parallel (backend=streaming) or FSDP (backend=fsdp).
@@ -475,12 +499,12 @@ class Trainer:
             "data_fingerprint": self.data.fingerprint,
             "tokenizer_sha256": self.data.tokenizer.sha256,
             "git_commit": git_commit(),
+            "world_size": self.world,
             "env": {
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "device": device_name(self.device),
                 "deterministic": self.deterministic,
-                "world_size": self.world,
             },  # fmt: skip
         }
 
@@ -507,16 +531,24 @@ class Trainer:
         self.metrics.log("checkpoint", step=self.step, tokens=self.tokens, checkpoint=step_dir_name(self.step),
                          ckpt_kind=kind, ends_chunk=ends_chunk)  # fmt: skip
         meta = {**self.state_dict(), "ends_chunk": ends_chunk}
-        # A sharded engine (fsdp) gathers its state with every rank taking part; rank 0 receives fresh host copies.
+        sharded = getattr(self.engine, "sharded", False)  # every rank writes its share, rank 0 the checkpoint
+        # fsdp gathers its state with every rank taking part; rank 0 receives fresh host copies and writes them.
         collective = getattr(self.engine, "collective_state", False)
-        tensors = self.engine.state_dict() if self.writer or collective else None
-        if self.writer:  # replicas hold the same state: only rank 0 snapshots and writes it
+        if self.writer or sharded or collective:  # replicated replicas hold the same state: rank 0 alone writes it
             # An engine whose state dict is its own host tensors (streaming: the 7B store is 110 GiB, no room for
             # a copy) holds them unchanged until the background write has read them, instead of a snapshot.
             hold = getattr(self.engine, "hold_state", None)
+            if sharded:
+                share, layout = self.engine.shard_state()
+                tensors, shard = {}, (self.rank, self.world, share)
+                extra["shards.json"] = json.dumps(layout, indent=0)
+            else:
+                tensors, shard = self.engine.state_dict(), None
             copy = hold is None and not getattr(self.engine, "state_dict_is_copy", False)
-            self.checkpointer.save(self.run_dir, self.step, tensors, meta, self.config_yaml,
-                                   blocking=blocking, kind=kind, extra_files=extra, copy=copy)  # fmt: skip
+            if self.writer or sharded:
+                self.checkpointer.save(self.run_dir, self.step, tensors, meta, self.config_yaml, blocking=blocking,
+                                       kind=kind, extra_files=extra, copy=copy, shard=shard,
+                                       assemble=self.writer)  # fmt: skip
             if hold is not None:
                 hold(self.checkpointer.join)
 
@@ -559,11 +591,10 @@ class Trainer:
         events = self._check_config_unchanged(ckpt.config_yaml, path) if same_stage else []
         events += [{"event": "skipped_invalid_checkpoint", "checkpoint": str(bad), "error": str(error),
                     "resumed_from": str(path)} for bad, error in skipped]  # fmt: skip
-        was = meta.get("env", {}).get("world_size")  # None: a checkpoint from before world sizes were recorded
-        if was is not None and was != self.world:  # the flat checkpoint layout reshards itself: record, not refuse
-            events.append({"event": "world_size_changed", "checkpoint": str(path), "was": was, "now": self.world,
-                           "backend": self.cfg.backend.name})  # fmt: skip
-            self.log(f"resuming {path} (saved by {was} ranks) on {self.world}; the sum order changes with it")
+        if meta.get("world_size", 1) != self.world:  # the store is resharded as it loads, fsdp cuts its shards
+            events.append({"event": "world_size_changed", "checkpoint": str(path), "was": meta.get("world_size", 1),
+                           "now": self.world, "sharded": (path / "shards.json").is_file()})  # fmt: skip
+            self.log(f"resuming {path} (saved by {meta.get('world_size', 1)} ranks) on {self.world} ranks")
         self.engine.load_state_dict(ckpt.tensors)
         if not same_stage:
             # Stage transition (CrystalCoder 1 -> 2 -> 3): weights and Adam moments carry over; the step
@@ -665,6 +696,7 @@ class Trainer:
             "tok_s": tok_s, "mfu": tok_s * self.flops_per_token / (self.peak_flops * self.world), "chunk": self.chunk,
             "skipped": result.skipped, "rolled_back": self._rolled_back,
             "samples": [first_sample, self.loader.sample_index], "step_s": dt,
+            **getattr(self.engine, "last_step_stats", {}),  # streaming: collective time, host<->device bytes
         }  # fmt: skip
 
     def _sources_without_heldout(self) -> str:

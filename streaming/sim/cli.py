@@ -199,9 +199,18 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from crystal.streaming.sim.cluster import compare, table
+
+    shape, prof, _, extra = resolve(args.overrides, default_cluster="h100", extra_keys=("sizes",))
+    rows = compare(shape, prof, [int(x) for x in str(extra.get("sizes", "8,64")).split(",")])
+    print(table(rows, markdown=args.markdown))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("calibrate", "sweep", "gpu", "sensitivity") else "predict"
+    command = argv.pop(0) if argv and argv[0] in ("calibrate", "sweep", "gpu", "sensitivity", "cluster") else "predict"
     ap = argparse.ArgumentParser(prog=f"python -m crystal.streaming.sim{'' if command == 'predict' else ' ' + command}")
     ap.add_argument("overrides", nargs="*", help="key=value: model=, cluster=, batch=, seq=, micro_batches=, "
                     "schedule=, prefetch=, recompute=, stream_dtype=, grad_dtype=, replicas= (num_cs2=), "
@@ -217,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         fn = cmd_calibrate
     elif command == "sensitivity":
         fn = cmd_sensitivity
+    elif command == "cluster":
+        ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/cluster.md)")
+        fn = cmd_cluster
     elif command == "sweep":
         ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
         fn = cmd_sweep
