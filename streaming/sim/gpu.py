@@ -264,7 +264,8 @@ def recommend(rows: list[Alt], shape: ModelShape, prof: ClusterProfile) -> list[
         name = "resident" if n == 1 else "fsdp"
         if sharded and (streamed is None or sharded.tokens_s >= streamed.tokens_s):
             vs = f" vs streaming {streamed.tokens_s:,.0f}" if streamed else ""
-            out.append(Recommendation(n, name, f"fits ({sharded.device_gb:.1f} GB per GPU, {sharded.config}); "
+            how = " with backend.fsdp.grad_sync=micro_batch, as modelled" if n > 1 else ""
+            out.append(Recommendation(n, name, f"fits{how} ({sharded.device_gb:.1f} GB per GPU, {sharded.config}); "
                                                f"{sharded.tokens_s:,.0f} tokens/s{vs}"))  # fmt: skip
         elif sharded and streamed:
             out.append(Recommendation(n, "streaming", f"{streamed.tokens_s:,.0f} tokens/s vs {name} "
