@@ -178,6 +178,11 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in str(extra.get("sizes", "16,64")).split(",")]
     rows = compare(shape, prof, sizes, int(extra.get("global_batch", 2112)))
     print(table(rows))
+    from crystal.streaming.sim.gpu import recommend
+
+    print(f"\nrecommended crystal backend for {shape.name} on {prof.name} (predictions):")
+    for r in recommend(rows, shape, prof):
+        print(f"  {r.gpus:>4} GPUs: backend={r.backend:<9} {r.why}")
     if prof.name == "h100":
         from crystal.streaming.sim.gpu import h100_checks
 
