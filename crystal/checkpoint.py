@@ -11,6 +11,13 @@
         manifest.json           sha256 + size of every file above, kind (release | keep), git commit; last
     <run>/checkpoints/latest    name of the newest complete checkpoint (updated after the rename)
 
+A sharded store (torchrun, backend.streaming.shard_store) writes, instead of model/optimizer.safetensors,
+one `shard-RRRRR-of-NNNNN.safetensors` per rank (its flat share of every unit: <unit>.master, .exp_avg,
+.exp_avg_sq) and `shards.json` (each unit's parameters: name, offset, shape, Adam step). Each rank writes its
+file into `step-XXXXXXXX.shards/` (tmp + rename, then a small record of its sha256); rank 0 moves them into its
+`.tmp` directory, lists them in the manifest with the rest, and renames as always. load_checkpoint serves such a
+checkpoint as the same named tensors (ShardedTensors), so it loads at any world size, into backend=resident too.
+
 A checkpoint is written into `step-XXXXXXXX.tmp/`, every file fsynced, then renamed; a directory
 counts only if its manifest exists and every hash matches, so kill -9 at any moment leaves the
 previous checkpoint loadable. Tensors are copied off the training state before the write starts,
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -42,10 +50,13 @@ import torch
 from safetensors.torch import load_file
 
 from crystal.errors import CheckpointError
+from crystal.streaming.sharded import shard_range
 from crystal.tokenizer import file_sha256
 from crystal.utils import git_commit
 
 FORMAT_VERSION = 1
+SHARDS_JSON = "shards.json"
+SHARD_WAIT_S = 1800.0  # how long rank 0 waits for the other ranks' shard files before it gives the write up
 TENSOR_FILES = ("model", "optimizer")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 RELEASE, KEEP = "release", "keep"
@@ -164,6 +175,63 @@ class LazyTensors(Mapping):
     def __len__(self) -> int:
         return len(self._header)
 
+    def read_flat(self, key: str, begin: int, end: int) -> torch.Tensor:
+        """Elements [begin, end) of the tensor's flat data, read alone (a sharded store loads only its share)."""
+        info = self._header[key]
+        dtype = self._dtypes[info["dtype"]]
+        size = torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(end - begin, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + info["data_offsets"][0] + begin * size)
+            if f.readinto(memoryview(out.view(torch.uint8).numpy())) != (end - begin) * size:
+                raise CheckpointError(f"{self.path} is truncated at tensor {key}; use an earlier checkpoint")
+        return out
+
+
+def shard_file_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+class ShardedTensors(Mapping):
+    """One group ("model" or "optimizer") of a sharded checkpoint as named tensors, each assembled from the ranks'
+    files when asked for; read_flat(name, a, b) reads only the files that hold that range."""
+
+    def __init__(self, path: Path, layout: dict[str, Any], group: str) -> None:
+        self.world = layout["world"]
+        self.files = [LazyTensors(Path(path) / shard_file_name(r, self.world)) for r in range(self.world)]
+        self.index: dict[str, tuple] = {}  # name -> (unit, field, offset, shape, unit numel) or ("step", value)
+        for unit, info in layout["units"].items():
+            for name, offset, shape, step in info["params"]:
+                if group == "model":
+                    self.index[name] = (unit, "master", offset, shape, info["numel"])
+                elif step > 0:  # torch's AdamW has no state for a parameter never updated
+                    for field in ("exp_avg", "exp_avg_sq"):
+                        self.index[f"{name}.{field}"] = (unit, field, offset, shape, info["numel"])
+                    self.index[f"{name}.step"] = ("step", step)
+
+    def read_flat(self, key: str, begin: int, end: int) -> torch.Tensor:
+        unit, field, offset, _, numel = self.index[key]
+        parts = []
+        for r, f in enumerate(self.files):
+            lo, hi = shard_range(numel, self.world, r)
+            a, b = max(offset + begin, lo), min(offset + end, hi)
+            if a < b:
+                parts.append(f.read_flat(f"{unit}.{field}", a - lo, b - lo))
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self.index[key]
+        if entry[0] == "step":
+            return torch.tensor(entry[1], dtype=torch.float32)
+        shape = entry[3]
+        return self.read_flat(key, 0, math.prod(shape)).view(shape)
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
 
 def tensor_bytes(tensors: dict[str, dict[str, torch.Tensor]]) -> int:
     return sum(v.numel() * v.element_size() for items in tensors.values() for v in items.values())
@@ -187,6 +255,44 @@ def _write_error(final: Path, err: BaseException) -> CheckpointError:
     return CheckpointError(f"writing checkpoint {final} failed ({err}); {fix}{keep}")
 
 
+def _shards_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / (step_dir_name(step) + ".shards")
+
+
+def write_shard(run_dir: Path, step: int, rank: int, world: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """One rank's share of a sharded store, for rank 0's write_checkpoint(shards=world) to collect: the file, then
+    a record of its sha256 and size, each written under a temporary name and renamed, so the collector never sees
+    half of either."""
+    folder = _shards_dir(run_dir, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / shard_file_name(rank, world)
+    tmp = final.with_name(final.name + ".tmp")
+    save_tensors(tensors, tmp, metadata={"format": str(FORMAT_VERSION), "rank": str(rank), "world": str(world)})
+    _fsync_file(tmp)
+    os.replace(tmp, final)
+    record = final.with_name(final.name + ".json.tmp")
+    record.write_text(json.dumps({"sha256": file_sha256(final), "bytes": final.stat().st_size}))
+    os.replace(record, final.with_name(final.name + ".json"))
+    return final
+
+
+def _collect_shards(run_dir: Path, step: int, world: int, into: Path, timeout: float) -> dict[str, dict[str, Any]]:
+    """Wait for every rank's shard of `step`, move them into `into`; their manifest entries."""
+    folder, deadline = _shards_dir(run_dir, step), time.monotonic() + timeout
+    names = [shard_file_name(r, world) for r in range(world)]
+    while not all((folder / f"{n}.json").is_file() for n in names):
+        if time.monotonic() > deadline:
+            missing = [n for n in names if not (folder / f"{n}.json").is_file()]
+            raise CheckpointError(f"ranks never wrote {missing[:3]} of {folder} within {timeout:.0f} s (a rank died?)")
+        time.sleep(0.02)
+    files = {}
+    for n in names:
+        files[n] = json.loads((folder / f"{n}.json").read_text())
+        os.replace(folder / n, into / n)
+    shutil.rmtree(folder, ignore_errors=True)
+    return files
+
+
 def write_checkpoint(
     run_dir: Path,
     step: int,
@@ -195,8 +301,10 @@ def write_checkpoint(
     config_yaml: str,
     kind: str = RELEASE,
     extra_files: dict[str, bytes | str | Callable[[], bytes | str]] | None = None,
+    shards: int = 0,
 ) -> Path:
-    """Write one checkpoint atomically; returns its final directory. Tensors should be a snapshot.
+    """Write one checkpoint atomically; returns its final directory. Tensors should be a snapshot. `shards` > 0:
+    the tensors are that many ranks' shard files (write_shard), collected here instead of `tensors`.
 
     `extra_files` values may be callables: they run here (in the writer thread), e.g. a chunk record."""
     t0 = time.perf_counter()
@@ -206,7 +314,7 @@ def write_checkpoint(
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for group in TENSOR_FILES:
+        for group in TENSOR_FILES if not shards else ():
             meta_st = {"format": str(FORMAT_VERSION)}
             save_tensors(tensors.get(group, {}), tmp / f"{group}.safetensors", metadata=meta_st)
         (tmp / "trainer.json").write_text(json.dumps(meta, sort_keys=True))
@@ -218,6 +326,8 @@ def write_checkpoint(
         for f in sorted(tmp.iterdir()):
             _fsync_file(f)
             files[f.name] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+        if shards:  # each rank hashed its own (fsynced) file: rank 0 does not read the whole store again
+            files.update(_collect_shards(run_dir, step, shards, tmp, SHARD_WAIT_S))
         manifest = {
             "format": FORMAT_VERSION, "step": step, "kind": kind, "git_commit": git_commit(), "files": files,
             "write_s": round(time.perf_counter() - t0, 4),
@@ -271,6 +381,10 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True, lazy: bool = F
         raise CheckpointError(f"checkpoint {path} does not exist")
     if verify:
         verify_checkpoint(path)
+    if (path / SHARDS_JSON).is_file():  # a sharded store's: named tensors assembled from the ranks' files
+        layout = json.loads((path / SHARDS_JSON).read_text())
+        tensors = {g: ShardedTensors(path, layout, g) for g in TENSOR_FILES}
+        return Checkpoint(path, tensors, load_meta(path), (path / "config.yaml").read_text())
     read = LazyTensors if lazy else lambda p: load_file(str(p))
     tensors = {g: read(path / f"{g}.safetensors") for g in TENSOR_FILES}
     return Checkpoint(path, tensors, load_meta(path), (path / "config.yaml").read_text())
@@ -379,7 +493,7 @@ def move_aside(run_dir: Path, after_step: int, label: str) -> list[Path]:
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Partial directories a killed process left (`*.tmp` being written, `*.deleting` being deleted)."""
     root = Path(run_dir) / "checkpoints"
-    gone = [p for p in root.glob("step-*") if p.is_dir() and p.name.endswith((".tmp", ".deleting"))]
+    gone = [p for p in root.glob("step-*") if p.is_dir() and p.name.endswith((".tmp", ".deleting", ".shards"))]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".probe-*"):
@@ -438,13 +552,16 @@ class AsyncCheckpointer:
     def save(
         self, run_dir: Path, step: int, tensors, meta, config_yaml: str, blocking: bool = False,
         kind: str = RELEASE, extra_files: dict | None = None, copy: bool = True,
+        shard: tuple[int, int, dict[str, torch.Tensor]] | None = None, assemble: bool = True,
     ) -> None:  # fmt: skip
-        """copy=False: write `tensors` as they are, no snapshot; the caller keeps them unchanged until join()."""
+        """copy=False: write `tensors` as they are, no snapshot; the caller keeps them unchanged until join().
+        shard = (rank, world, this rank's share): a sharded store's checkpoint; its share is written as it is (no
+        copy) and, when `assemble` (rank 0), the checkpoint is made of every rank's."""
         self.wait()
         t0 = time.perf_counter()
         root = Path(run_dir) / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
-        check_free_space(root, tensor_bytes(tensors) + (1 << 20))
+        check_free_space(root, tensor_bytes(tensors) + tensor_bytes({"shard": shard[2]} if shard else {}) + (1 << 20))
         if copy:
             snap = self._buffers = snapshot(tensors, into=self._buffers)
         else:
@@ -454,8 +571,13 @@ class AsyncCheckpointer:
         def work() -> None:
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
-                self.last_path = write_checkpoint(run_dir, step, snap, meta, config_yaml, kind, extra_files)
-                if self.keep_last is not None:
+                if shard is not None:
+                    write_shard(run_dir, step, *shard)
+                if assemble:
+                    sharded = {"shards": shard[1]} if shard else {}
+                    self.last_path = write_checkpoint(run_dir, step, snap, meta, config_yaml, kind, extra_files,
+                                                      **sharded)  # fmt: skip
+                if assemble and self.keep_last is not None:
                     prune(run_dir, self.keep_last)
             except BaseException as e:  # surfaced on the next poll()/wait()
                 self._error = e

@@ -460,6 +460,9 @@ class StreamingConfig:
     fused_clip: str = "auto"
     host_threads: int = 0  # CUDA: torch threads of the host optimizer; 0 = cores - 2 (leaves the launcher a core)
     trace: bool = False  # record per-lane timings (<run>/streaming_trace.json, Chrome/Perfetto format)
+    # torchrun with N > 1 replicas: each rank holds 1/N of the store, gradients reduce-scattered and weights
+    # all-gathered on the device (streaming/sharded.py); false: every replica a full store (all-reduce on the host)
+    shard_store: bool = True
 
     def __post_init__(self) -> None:
         choices = {
@@ -479,9 +482,39 @@ class StreamingConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """backend=fsdp: FSDP2 (fully_shard per block and on the root) across the ranks of a torchrun job, for a model
+    whose weights, gradients and AdamW state fit the GPUs together (docs/backends.md)."""
+
+    # dtype the blocks compute in (the all-gathered copy; fp32 master shards stay): auto (bf16 on a GPU when
+    # train.precision resolves to bf16, the GPU default; else fp32) | fp32 | bf16 (GPU only)
+    param_dtype: str = "auto"
+    reduce_dtype: str = "fp32"  # gradients are reduce-scattered in: fp32 | bf16 (half the network bytes)
+    reshard_after_forward: bool = True  # free gathered blocks after forward (ZeRO-3); false keeps them (ZeRO-2)
+    activation_checkpointing: bool = False  # keep only block inputs, recompute the block in backward
+    # HSDP: > 1 replicates over this many groups and shards within each (a 2-D mesh dp_replicate x dp_shard);
+    # set it to the number of nodes so that the reduce-scatter stays on NVLink. 1 = shard over every rank.
+    dp_replicate: int = 1
+    # step: micro-batches accumulate full-size gradients on each GPU and are reduce-scattered once per step (the
+    # least network; + 4 bytes/param per GPU); micro_batch: reduce-scatter after each (sharded accumulation, 1/N of
+    # that memory, a reduce-scatter per micro-batch). The 7B on 8 H100s needs micro_batch (docs/backends.md).
+    grad_sync: str = "step"
+
+    def __post_init__(self) -> None:
+        choices = (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16")),
+                   ("grad_sync", ("step", "micro_batch")))  # fmt: skip
+        for key, allowed in choices:
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"backend.fsdp.{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        if self.dp_replicate < 1:
+            raise ValueError(f"backend.fsdp.dp_replicate={self.dp_replicate} must be >= 1 (1 = no replication)")
+
+
+@dataclass
 class BackendConfig:
-    name: str = "resident"  # resident | streaming | cerebras
+    name: str = "resident"  # resident | streaming | fsdp | cerebras
     streaming: StreamingConfig = field(default_factory=StreamingConfig)  # used only by name=streaming
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # used only by name=fsdp
     cerebras: CerebrasConfig = field(default_factory=CerebrasConfig)  # used only by name=cerebras
 
 

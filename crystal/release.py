@@ -39,7 +39,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,8 +272,11 @@ def started_from(run_dir: Path, init: Path) -> dict[str, Any] | None:
         meta = load_meta(src)
         out.update(stage=meta.get("stage", 0), step=meta["step"], manifest_sha256=file_sha256(src / "manifest.json"),
                    config=str(src / "config.yaml"))  # fmt: skip
+        # a sharded store's checkpoint holds shard-*.safetensors instead (docs/cluster.md): the same test on them
+        files = [f for f in ("model.safetensors", "optimizer.safetensors") if (src / f).is_file()] or sorted(
+            p.name for p in src.glob("shard-*.safetensors"))  # fmt: skip
         out["same_tensors_as_init"] = all(
-            file_sha256(src / f) == file_sha256(init / f) for f in ("model.safetensors", "optimizer.safetensors")
+            (init / f).is_file() and file_sha256(src / f) == file_sha256(init / f) for f in files
         )
     return out
 
@@ -390,6 +393,13 @@ def verify_chunk(release: Path, k: int, log=print, device: str = "cpu", atol: fl
     with open(release / entry["data"]) as f:
         rows = [json.loads(line) for line in f]
     cfg, engine, end = _replay_setup(release, entry, torch.device(device))
+    if cfg.backend.name == "fsdp" and atol == 0:
+        ranks = end.meta.get("world_size", "several")
+        raise ReleaseError(
+            f"chunk {k} was trained with backend=fsdp on {ranks} ranks, and one device sums the ranks' gradients in "
+            f"another order, so its replay is not bitwise: pass --atol with the difference you accept (Adam moves a "
+            f"weight whose gradient is ~0 by up to lr per step either way; 1e-3 covers a few steps at lr 6e-3)"
+        )
     verdict = ChunkVerdict(k, entry["steps"], len(rows))
     _replay(engine, cfg, rows, entry, _fim_pad_id(release), _recorded_losses(release, entry), verdict, atol)
     _compare_state(engine.state_dict(), end.tensors, verdict, atol)
@@ -420,7 +430,9 @@ def _replay_setup(release: Path, entry: dict[str, Any], device: torch.device):
     set_determinism(cfg.train.seed)
     model = build_model(cfg.model, seed=cfg.train.seed)
     adapter = CrystalAdapter(model, cfg.train.doc_masking, debug_poison(cfg.train))
-    engine = build_engine(cfg, adapter, device, autocast_dtype(cfg.train.precision, device))
+    # A run sharded over ranks replays on one device: the resident engine computes the same step, summed in order.
+    one_device = replace(cfg, backend=replace(cfg.backend, name="resident")) if cfg.backend.name == "fsdp" else cfg
+    engine = build_engine(one_device, adapter, device, autocast_dtype(cfg.train.precision, device))
     engine.load_state_dict(start.tensors)
     set_rng_state(start.meta["rng"])
     return cfg, engine, end

@@ -144,11 +144,17 @@ def build_engine(cfg: Config, adapter: CrystalAdapter, device: torch.device, amp
 
         return StreamingEngine(adapter, groups, settings, device, amp, swarm=swarm,
                                **asdict(cfg.backend.streaming))  # fmt: skip
+    if name == "fsdp":  # FSDP2 over the torchrun job's ranks (the trainer has joined the process group)
+        from dataclasses import asdict
+
+        from crystal.streaming.backends.fsdp import FSDPEngine
+
+        return FSDPEngine(adapter, groups, settings, device, amp, **asdict(cfg.backend.fsdp))
     if name == "cerebras":  # cerebras-pytorch, in its own venv (crystal/cerebras.py)
         from crystal.cerebras import build_cerebras_engine
 
         return build_cerebras_engine(cfg, adapter, groups, settings, amp)
-    raise ValueError(f"backend.name={name!r} is not available; known backends: resident, streaming, cerebras")
+    raise ValueError(f"backend.name={name!r} is not available; known backends: resident, streaming, fsdp, cerebras")
 
 
 def unigram_entropy(data: PreparedData, weights: dict[str, float]) -> float:
@@ -210,8 +216,12 @@ def config_changes(old: Config, new: Config) -> list[str]:
 def backend_computation(cfg: Config) -> dict[str, Any]:
     """The settings of the backend in use that change what a step computes, by config key, resolved (adamw=auto
     -> the equation its target runs). resident and streaming have none: how blocks are streamed never changes
-    the result (streamed steps equal resident ones bit for bit). Cerebras targets and cluster settings are
-    where the run executes, like train.device."""
+    the result (streamed steps equal resident ones bit for bit). fsdp's dtypes round what it computes (its
+    sharding, checkpointing and sync settings only reorder sums, like a world size). Cerebras targets and cluster
+    settings are where the run executes, like train.device."""
+    if cfg.backend.name == "fsdp":  # param_dtype auto follows train.precision, itself compared
+        return {"backend.fsdp.param_dtype": cfg.backend.fsdp.param_dtype,
+                "backend.fsdp.reduce_dtype": cfg.backend.fsdp.reduce_dtype}  # fmt: skip
     if cfg.backend.name != "cerebras":
         return {}
     c = cfg.backend.cerebras
@@ -331,6 +341,7 @@ class Trainer:
         model = build_model(cfg.model, device="cpu", seed=t.seed)
         self.adapter = CrystalAdapter(model, t.doc_masking, debug_poison(t))
         self.engine = build_engine(cfg, self.adapter, self.device, self.amp, self.swarm)
+        self._report_host_memory()
         self.metrics = (
             MetricsLogger(self.run_dir / "metrics.jsonl", self.run_dir / "tb" if t.tensorboard else None)
             if self.writer else NullMetrics()
@@ -353,6 +364,8 @@ class Trainer:
             self.log(self.no_heldout)
         if t.resume:
             self.resume(t.resume)
+        if getattr(self, "_host_report", None):
+            self.metrics.log("event", event="host_memory", step=self.step, ranks=self._host_report)
         if self.writer:
             self._write_run_files()  # after the resume checks: a refused resume leaves the run's files as they were
         self._fresh = not list_checkpoints(self.run_dir)  # decided by every replica before rank 0 writes one
@@ -372,28 +385,77 @@ class Trainer:
         rest, block, _ = unit_numels(one, one.blocks)
         self.host_plan = engine_host_plan((rest, block, m.n_layer), self.device, self.amp, stream_dtype=s.stream_dtype,
                                           grad_dtype=s.grad_dtype, pin_memory=s.pin_memory,
-                                          staging_buffers=s.staging_buffers)  # fmt: skip
-        check_host_memory(self.host_plan)
+                                          staging_buffers=s.staging_buffers,
+                                          world=self.world if s.shard_store else 1)  # fmt: skip
+        # The ranks on this host allocate at once, each after its own check: the host must hold all of them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.swarm else 1
+        check_host_memory({f"{k} x {local} ranks" if local > 1 else k: v * local for k, v in self.host_plan.items()})
+
+    def _report_host_memory(self) -> None:
+        """Streaming: every rank prints its host bytes (store, pinned, staging) and its share of the store; rank 0
+        logs all ranks' as one event."""
+        report = getattr(self.engine, "host_report", None)
+        if report is None:
+            return
+        mine = report()
+        gib = {k: f"{v / 2**30:.3f} GiB" for k, v in mine.items() if k.endswith("_bytes")}
+        line = f"[rank {self.rank}/{self.world}] host memory {gib}; share {mine.get('block_range', 'whole store')}"
+        (self.log if self.writer else lambda m: print(m, flush=True))(line)
+        ranks = [mine]
+        if self.swarm:
+            ranks = [None] * self.world
+            import torch.distributed as dist
+
+            dist.all_gather_object(ranks, mine, group=self.swarm.group)
+        self._host_report = ranks  # logged once the metrics file exists
 
     def _join_swarm(self):
-        """Under torchrun with WORLD_SIZE > 1: SwarmX data parallel (backend=streaming only)."""
+        """Under torchrun with WORLD_SIZE > 1: SwarmX data parallel (backend=streaming) or FSDP (backend=fsdp).
+        The Swarm is the trainer's handle on the ranks (rank, world, barrier) for both."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.cfg.backend.name == "fsdp":
+            return self._join_fsdp(world)
         if world <= 1:
             return None
         if self.cfg.backend.name != "streaming":
             raise ValueError(
-                f"torchrun with WORLD_SIZE={world} needs backend=streaming (SwarmX data parallel); "
+                f"torchrun with WORLD_SIZE={world} needs backend=streaming (SwarmX data parallel) or backend=fsdp; "
                 f"backend={self.cfg.backend.name} runs on one device"
             )
+        self._check_batch_shares(world, "replicas")
+        from crystal.streaming.swarm import init_from_env
+
+        return init_from_env()
+
+    def _check_batch_shares(self, world: int, what: str) -> None:
         per_step = self.cfg.train.global_batch // self.cfg.train.micro_batch
         if per_step % world:
             raise ValueError(
                 f"train.global_batch / train.micro_batch = {per_step} micro-batches per step cannot be shared by "
-                f"{world} replicas; make it a multiple of {world}"
+                f"{world} {what}; make it a multiple of {world}"
             )
-        from crystal.streaming.swarm import init_from_env
 
-        return init_from_env()
+    def _join_fsdp(self, world: int):
+        """backend=fsdp runs under torchrun only, at any world size (1 included: the same engine and checkpoints
+        on one rank). Without torchrun there is no process group to shard over: one line says what to run."""
+        if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+            raise ValueError(
+                "backend=fsdp shards the model over the ranks of a torchrun job, and this process was not started by "
+                "torchrun; launch `torchrun --nproc_per_node=<GPUs> -m crystal.train backend=fsdp ...`, or use "
+                "backend=resident on one device"
+            )
+        self._check_batch_shares(world, "ranks")
+        replicate = self.cfg.backend.fsdp.dp_replicate
+        if world % replicate:
+            raise ValueError(
+                f"backend.fsdp.dp_replicate={replicate} does not divide the {world} ranks; use a divisor of {world} "
+                f"(usually the number of nodes)"
+            )
+        from crystal.streaming.backends.fsdp import init_process_group
+        from crystal.streaming.swarm import Swarm
+
+        init_process_group(resolve_device(self.cfg.train.device).type)
+        return Swarm()
 
     # -- run directory ----------------------------------------------------------------------------
 
@@ -437,6 +499,7 @@ class Trainer:
             "data_fingerprint": self.data.fingerprint,
             "tokenizer_sha256": self.data.tokenizer.sha256,
             "git_commit": git_commit(),
+            "world_size": self.world,
             "env": {
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
@@ -468,12 +531,24 @@ class Trainer:
         self.metrics.log("checkpoint", step=self.step, tokens=self.tokens, checkpoint=step_dir_name(self.step),
                          ckpt_kind=kind, ends_chunk=ends_chunk)  # fmt: skip
         meta = {**self.state_dict(), "ends_chunk": ends_chunk}
-        if self.writer:  # replicas hold the same state: only rank 0 snapshots and writes it
+        sharded = getattr(self.engine, "sharded", False)  # every rank writes its share, rank 0 the checkpoint
+        # fsdp gathers its state with every rank taking part; rank 0 receives fresh host copies and writes them.
+        collective = getattr(self.engine, "collective_state", False)
+        if self.writer or sharded or collective:  # replicated replicas hold the same state: rank 0 alone writes it
             # An engine whose state dict is its own host tensors (streaming: the 7B store is 110 GiB, no room for
             # a copy) holds them unchanged until the background write has read them, instead of a snapshot.
             hold = getattr(self.engine, "hold_state", None)
-            self.checkpointer.save(self.run_dir, self.step, self.engine.state_dict(), meta, self.config_yaml,
-                                   blocking=blocking, kind=kind, extra_files=extra, copy=hold is None)  # fmt: skip
+            if sharded:
+                share, layout = self.engine.shard_state()
+                tensors, shard = {}, (self.rank, self.world, share)
+                extra["shards.json"] = json.dumps(layout, indent=0)
+            else:
+                tensors, shard = self.engine.state_dict(), None
+            copy = hold is None and not getattr(self.engine, "state_dict_is_copy", False)
+            if self.writer or sharded:
+                self.checkpointer.save(self.run_dir, self.step, tensors, meta, self.config_yaml, blocking=blocking,
+                                       kind=kind, extra_files=extra, copy=copy, shard=shard,
+                                       assemble=self.writer)  # fmt: skip
             if hold is not None:
                 hold(self.checkpointer.join)
 
@@ -516,6 +591,10 @@ class Trainer:
         events = self._check_config_unchanged(ckpt.config_yaml, path) if same_stage else []
         events += [{"event": "skipped_invalid_checkpoint", "checkpoint": str(bad), "error": str(error),
                     "resumed_from": str(path)} for bad, error in skipped]  # fmt: skip
+        if meta.get("world_size", 1) != self.world:  # the store is resharded as it loads, fsdp cuts its shards
+            events.append({"event": "world_size_changed", "checkpoint": str(path), "was": meta.get("world_size", 1),
+                           "now": self.world, "sharded": (path / "shards.json").is_file()})  # fmt: skip
+            self.log(f"resuming {path} (saved by {meta.get('world_size', 1)} ranks) on {self.world} ranks")
         self.engine.load_state_dict(ckpt.tensors)
         if not same_stage:
             # Stage transition (CrystalCoder 1 -> 2 -> 3): weights and Adam moments carry over; the step
@@ -527,7 +606,8 @@ class Trainer:
                 self.metrics.log("event", step=0, **row)
             return
         if own:
-            newer = move_aside(self.run_dir, meta["step"], f"superseded-at-{meta['step']}")  # an older one was named
+            # an older one was named; rank 0 alone moves the run's files (the ranks would race on the same renames)
+            newer = move_aside(self.run_dir, meta["step"], f"superseded-at-{meta['step']}") if self.writer else []
             self.load_state_dict(meta)
             if newer:
                 self.metrics.log("event", event="resumed_from_older", step=self.step, checkpoint=path.name,
@@ -613,9 +693,10 @@ class Trainer:
         tok_s = result.tokens / dt
         return {
             "step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-            "tok_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak_flops, "chunk": self.chunk,
+            "tok_s": tok_s, "mfu": tok_s * self.flops_per_token / (self.peak_flops * self.world), "chunk": self.chunk,
             "skipped": result.skipped, "rolled_back": self._rolled_back,
             "samples": [first_sample, self.loader.sample_index], "step_s": dt,
+            **getattr(self.engine, "last_step_stats", {}),  # streaming: collective time, host<->device bytes
         }  # fmt: skip
 
     def _sources_without_heldout(self) -> str:
@@ -675,7 +756,9 @@ class Trainer:
                   "rollback": self.rollbacks + 1, "to_step": step_of(target)}  # fmt: skip
         windows, rollbacks = [*self.skipped_windows, window], self.rollbacks + 1
         from_step, from_tokens = self.step, self.tokens
-        moved = move_aside(self.run_dir, step_of(target), f"rolled-back-{rollbacks}")
+        if self.swarm:  # every rank has chosen its target before rank 0 moves the newer checkpoints aside
+            self.swarm.barrier()
+        moved = move_aside(self.run_dir, step_of(target), f"rolled-back-{rollbacks}") if self.writer else []
         ckpt = self._load_checkpoint(target)
         self.engine.load_state_dict(ckpt.tensors)
         self.load_state_dict(ckpt.meta)

@@ -150,14 +150,14 @@ class DeviceSlots:
     so a block arrives in one copy. Never more than MAX_SLOTS of them, whatever the depth."""
 
     def __init__(self, template: nn.Module, layout: Layout, device: torch.device, dtype: torch.dtype,
-                 prefetch: int, copy_stream: Any, compute_stream: Any) -> None:  # fmt: skip
+                 prefetch: int, copy_stream: Any, compute_stream: Any, numel: int = 0) -> None:  # fmt: skip
         self.device, self.prefetch = device, prefetch
         self.copy_stream, self.compute_stream = copy_stream, compute_stream
         self.modules: list[nn.Module] = []
         self.flats: list[torch.Tensor] = []
         for _ in range(MAX_SLOTS):
             module = _clone_module(template).to(device)  # buffers (e.g. rotary tables) keep their dtype
-            flat = torch.zeros(layout.numel, dtype=dtype, device=device)
+            flat = torch.zeros(numel or layout.numel, dtype=dtype, device=device)  # numel: a sharded unit's padding
             for p, view in zip(module.parameters(), layout.views(flat), strict=True):
                 p.data = view
             self.modules.append(module)
@@ -167,6 +167,7 @@ class DeviceSlots:
         self.free: list[Any] = [None] * MAX_SLOTS  # CUDA event: the last compute reading the slot is done
         self.current = 1  # the slot computed on last; the other one is loaded next
         self.loads = 0  # block copies made (H2D traffic in blocks)
+        self.h2d_bytes = 0  # host bytes those copies sent (a sharded store sends its 1/N, the gather brings the rest)
         self.cuda = device.type == "cuda"
 
     @property
@@ -184,7 +185,7 @@ class DeviceSlots:
     def _load(self, slot: int, unit: Unit, tracer: Tracer, serial: bool) -> None:
         if not self.cuda:
             with tracer.span("h2d", f"load {unit.index}", unit.index):
-                self.flats[slot].copy_(unit.stream_source())
+                self.h2d_bytes += unit.upload(self.flats[slot])
         else:
             stream = self.copy_stream
             if serial:  # prefetch 0: the copy starts only after everything queued so far has computed
@@ -192,7 +193,7 @@ class DeviceSlots:
             elif self.free[slot] is not None:
                 stream.wait_event(self.free[slot])
             with torch.cuda.stream(stream), tracer.span("h2d", f"load {unit.index}", unit.index, stream):
-                self.flats[slot].copy_(unit.stream_source(), non_blocking=True)
+                self.h2d_bytes += unit.upload(self.flats[slot], non_blocking=True)
             self.ready[slot] = torch.cuda.Event()
             self.ready[slot].record(stream)
         self.holds[slot] = unit.index
@@ -250,9 +251,9 @@ class Executor:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.grad_stream = torch.cuda.Stream(device) if cuda else None
         self.slots = DeviceSlots(adapter.blocks[0], store.block_layout, device, compute_dtype, prefetch,
-                                 self.copy_stream, self.compute_stream)  # fmt: skip
+                                 self.copy_stream, self.compute_stream, store.blocks[0].device_numel)  # fmt: skip
         # The non-block parameters (embedding, final norm) stay on the device; refreshed after each update.
-        self.rest_flat = torch.zeros(store.rest.layout.numel, dtype=torch.float32, device=device)
+        self.rest_flat = torch.zeros(store.rest.device_numel, dtype=torch.float32, device=device)
         self.rest_params = [p for _, p in self._rest_named()]
         for p, view in zip(self.rest_params, store.rest.layout.views(self.rest_flat), strict=True):
             p.data = view
@@ -266,7 +267,7 @@ class Executor:
     def refresh_rest(self) -> None:
         self.before_load(self.store.rest)
         with torch.no_grad(), self.tracer.span("h2d", "load rest", None, self.compute_stream):
-            self.rest_flat.copy_(self.store.rest.master, non_blocking=True)
+            self.slots.h2d_bytes += self.store.rest.upload(self.rest_flat, non_blocking=True)
 
     def _autocast(self):
         if self.autocast_dtype is None:

@@ -51,8 +51,8 @@ class HostAdamW:
         self.unit_groups: dict[int, list[_Group]] = {}
         for u in store.units:
             by_group: dict[int, _Group] = {}
-            for k, slot in enumerate(u.layout.slots):
-                gi, spec = group_of[slot.full_name]
+            for k, slot_k in enumerate(u.piece_slots):  # k: position in the unit's params/grads lists
+                gi, spec = group_of[u.layout.slots[slot_k].full_name]
                 by_group.setdefault(gi, _Group(gi, spec.lr_scale, spec.weight_decay, [])).members.append(k)
             self.unit_groups[id(u)] = [by_group[gi] for gi in sorted(by_group)]
         self.norm_order = [store.by_name[n] for n in order]  # (unit, position) in group order
@@ -72,8 +72,11 @@ class HostAdamW:
             raise RuntimeError(f"gradients never became final for {missing[:3]}")
         stacked = torch.stack([self.norms[id(u)][k] for u, k in self.norm_order])
         total = torch.linalg.vector_norm(stacked, 2.0)
+        return total, self.clip_of(total)
+
+    def clip_of(self, total: torch.Tensor) -> torch.Tensor:
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
-        return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
     # -- phase 2 --------------------------------------------------------------------------------------
 
@@ -86,9 +89,12 @@ class HostAdamW:
             else:
                 torch._foreach_mul_(unit.grads, clip)
         beta1, beta2 = self.settings.betas
+        # Every parameter's counter once (all of them, also those with no piece on a rank of a sharded store, so
+        # that every rank's counters agree); the same as incrementing each group's before its update.
+        if unit.steps:
+            torch._foreach_add_(unit.steps, 1)
         for g in self.unit_groups[id(unit)]:
-            steps = [unit.steps[k] for k in g.members]
-            torch._foreach_add_(steps, 1)
+            steps = [unit.piece_steps[k] for k in g.members]
             torch._fused_adamw_(
                 [unit.params[k] for k in g.members], [unit.grads[k] for k in g.members],
                 [unit.exp_avgs[k] for k in g.members], [unit.exp_avg_sqs[k] for k in g.members], [], steps,

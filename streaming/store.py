@@ -161,6 +161,9 @@ class Unit:
         self.shadow = _alloc(n, shadow_dtype, pin) if shadow_dtype is not None else None
         self.params, self.grads = layout.views(self.master), layout.views(self.grad)
         self.exp_avgs, self.exp_avg_sqs = layout.views(self.exp_avg), layout.views(self.exp_avg_sq)
+        # What the optimizer walks: here every parameter whole; a sharded unit (sharded.py) has pieces of them.
+        self.piece_slots, self.piece_steps = list(range(len(layout.slots))), self.steps
+        self.device_numel = n  # elements of the device buffer the unit is loaded into
 
     @property
     def name(self) -> str:
@@ -173,6 +176,12 @@ class Unit:
     def refresh_shadow(self) -> None:
         if self.shadow is not None:
             self.shadow.copy_(self.master)
+
+    def upload(self, dst: torch.Tensor, non_blocking: bool = False) -> int:
+        """Copy the unit into its device buffer (on the current stream); returns the host bytes sent."""
+        src = self.stream_source()
+        dst.copy_(src, non_blocking=non_blocking)
+        return src.nbytes
 
     @torch.no_grad()
     def accumulate(self, grads: list[torch.Tensor]) -> None:

@@ -38,6 +38,9 @@ class Swarm:
         if group is None and dist.get_backend() != "gloo":
             group = dist.new_group(backend="gloo")  # host tensors
         self.group = group
+        # Device tensors (the sharded store's reduce-scatter / all-gather): the default group, NCCL under torchrun
+        # on GPUs; gloo on CPU, where it is the same as `group`.
+        self.device_group = None if dist.get_backend() != "gloo" else group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")

@@ -527,7 +527,7 @@ def _replica(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        engine = make_engine("streaming", 2, swarm=Swarm())
+        engine = make_engine("streaming", 2, swarm=Swarm(), shard_store=False)  # tests/test_sharded.py: sharded
         losses = []
         for step in range(2):
             whole = batches(step, 1, rows=4)[0]

@@ -1,1 +1,1 @@
-"""Engines selected by `backend.name`: resident, streaming, cerebras."""
+"""Engines selected by `backend.name`: resident, streaming, fsdp, cerebras."""

@@ -7,6 +7,7 @@ state as flat {name: tensor} dicts so checkpoints interchange between engines.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,3 +68,43 @@ class StepResult:
     grad_norm: float  # global L2 norm before clipping
     skipped: bool  # True when the loss or gradients were not finite and no update was made
     tokens: int
+
+
+def build_adamw(groups: list[ParamGroupSpec], named: dict[str, torch.Tensor], settings: AdamWSettings,
+                device: torch.device) -> torch.optim.AdamW:  # fmt: skip
+    """torch AdamW over the muP groups (LR 0: engines set lr x lr_scale per step), refusing groups that do not cover
+    the model's parameters exactly; fused where torch has the kernel (CPU, CUDA)."""
+    grouped = {n for g in groups for n in g.param_names}
+    if grouped != set(named):
+        raise ValueError(f"parameter groups do not cover the model exactly: {sorted(set(named) ^ grouped)[:5]}")
+    torch_groups = [
+        {"params": [named[n] for n in g.param_names], "lr_scale": g.lr_scale, "weight_decay": g.weight_decay,
+         "name": g.name}
+        for g in groups if g.param_names
+    ]  # fmt: skip
+    return torch.optim.AdamW(torch_groups, lr=0.0, betas=tuple(settings.betas), eps=settings.eps,
+                             fused=device.type in ("cpu", "cuda"))  # fmt: skip
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision of the resident and fsdp engines' compute: None runs as the weights are."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def accumulate_gradients(adapter: StreamableModel, micro_batches: list[Any], device: torch.device,
+                         autocast_dtype: torch.dtype | None, before_each=None) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """Forward + backward of each micro-batch with its loss / count, so that the gradients sum to those of the mean
+    loss; returns the sum of the losses (on the device) and the tokens. before_each(i) runs before micro-batch i."""
+    n = len(micro_batches)
+    total = torch.zeros((), device=device)
+    tokens = 0
+    for i, mb in enumerate(micro_batches):
+        if before_each is not None:
+            before_each(i)
+        mb = adapter.to_device(mb, device)
+        with autocast(device, autocast_dtype):
+            loss = adapter.loss(mb)
+        (loss / n).backward()
+        total += loss.detach().float()
+        tokens += adapter.num_tokens(mb)
+    return total, tokens

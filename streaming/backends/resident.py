@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -13,6 +12,9 @@ from crystal.streaming.backends.base import (
     ParamGroupSpec,
     StepResult,
     StreamableModel,
+    accumulate_gradients,
+    autocast,
+    build_adamw,
     check_adam_state_keys,
 )
 
@@ -60,38 +62,16 @@ class ResidentEngine:
         self.model = adapter.model.to(device)
         self.named = dict(self.model.named_parameters())
         self.names = {p: n for n, p in self.named.items()}
-        torch_groups = [
-            {"params": [self.named[n] for n in g.param_names], "lr_scale": g.lr_scale,
-             "weight_decay": g.weight_decay, "name": g.name}
-            for g in groups if g.param_names
-        ]  # fmt: skip
-        grouped = {n for g in groups for n in g.param_names}
-        if grouped != set(self.named):
-            raise ValueError(
-                f"parameter groups do not cover the model exactly: {sorted(set(self.named) ^ grouped)[:5]}"
-            )
-        self.optimizer = torch.optim.AdamW(
-            torch_groups, lr=0.0, betas=tuple(settings.betas), eps=settings.eps, fused=device.type in ("cpu", "cuda")
-        )
+        self.optimizer = build_adamw(groups, self.named, settings, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def train_step(self, micro_batches: list[Any], lr: float) -> StepResult:
         self.model.train()
         n = len(micro_batches)
-        total = torch.zeros((), device=self.device)
-        tokens = 0
-        for mb in micro_batches:
-            mb = self.adapter.to_device(mb, self.device)
-            with self._autocast():
-                loss = self.adapter.loss(mb)
-            (loss / n).backward()
-            total += loss.detach().float()
-            tokens += self.adapter.num_tokens(mb)
+        total, tokens = accumulate_gradients(self.adapter, micro_batches, self.device, self.autocast_dtype)
         clip = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         loss_value, norm_value = (total / n).item(), norm.item()

@@ -4,6 +4,7 @@ resident engine, so the trainer, checkpoints and metrics do not know which one r
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from crystal.streaming.backends.base import AdamWSettings, ParamGroupSpec, StepResult, StreamableModel
 from crystal.streaming.executor import Executor, HostWorker
 from crystal.streaming.optimizer import HostAdamW
+from crystal.streaming.sharded import Collectives, ShardedAdamW, ShardedStore, ShardUnit, reduce_scatter
 from crystal.streaming.store import HostStore, Unit, can_pin, check_host_memory, plan_host_memory, unit_numels
 from crystal.streaming.swarm import Swarm
 
@@ -40,11 +42,16 @@ def engine_host_plan(
     grad_dtype: str = "auto",
     pin_memory: bool = True,
     staging_buffers: int = 4,
+    world: int = 1,
 ) -> dict[str, int]:
     """The host memory StreamingEngine allocates with these settings (plan_host_memory's items) for a model of
     `numels` = (parameters outside the blocks, of one block, blocks), as store.unit_numels counts them: the
-    trainer checks it before building anything, the engine again before allocating."""
+    trainer checks it before building anything, the engine again before allocating. `world` > 1: one rank's
+    share of a sharded store (every unit's 1/N, padded; staging buffers as large as a share)."""
     cuda = device.type == "cuda"
+    if world > 1:
+        rest, block, depth = numels
+        numels = (-(-rest // world), -(-block // world), depth)
     return plan_host_memory(
         *numels, stream_dtype=resolve_link_dtype(stream_dtype, device, autocast_dtype),
         grad_dtype=resolve_link_dtype(grad_dtype, device, autocast_dtype), pinned=pin_memory and cuda and can_pin(),
@@ -74,8 +81,11 @@ class StreamingEngine:
         trace: bool = False,
         swarm: Swarm | None = None,
         check_memory: bool = True,
+        shard_store: bool = True,
     ) -> None:
         self.adapter, self.device, self.swarm = adapter, device, swarm
+        self.sharded = swarm is not None and shard_store  # one replica: the replicated store, today's path exactly
+        world = swarm.world if self.sharded else 1
         cuda = device.type == "cuda"
         weights_dtype = resolve_link_dtype(stream_dtype, device, autocast_dtype)
         if weights_dtype != torch.float32 and autocast_dtype != weights_dtype:
@@ -86,12 +96,19 @@ class StreamingEngine:
         self.grad_dtype = resolve_link_dtype(grad_dtype, device, autocast_dtype)
         self.host_plan = engine_host_plan(unit_numels(adapter.model, adapter.blocks), device, autocast_dtype,
                                           stream_dtype=stream_dtype, grad_dtype=grad_dtype, pin_memory=pin_memory,
-                                          staging_buffers=staging_buffers)  # fmt: skip
+                                          staging_buffers=staging_buffers, world=world)  # fmt: skip
         if check_memory:  # the model's host weights are freed as the store takes them over
             held = sum(p.numel() * p.element_size() for p in adapter.model.parameters() if p.device.type == "cpu")
             check_host_memory(self.host_plan, already_held=held)
-        self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype)
-        self.optimizer = HostAdamW(self.store, groups, settings, fused_clip=resolve_auto(fused_clip, device))
+        if self.sharded:
+            self.store = ShardedStore(adapter.model, adapter.blocks, swarm.rank, swarm.world, swarm.device_group,
+                                      pin=pin_memory and cuda, stream_dtype=weights_dtype,
+                                      host_group=swarm.group)  # fmt: skip
+            self.store.attach_device(device)
+        else:
+            self.store = HostStore(adapter.model, adapter.blocks, pin=pin_memory and cuda, stream_dtype=weights_dtype)
+        adamw = ShardedAdamW if self.sharded else HostAdamW
+        self.optimizer = adamw(self.store, groups, settings, fused_clip=resolve_auto(fused_clip, device))
         self.executor = Executor(
             adapter, self.store, device, schedule=schedule, prefetch=prefetch, compute_dtype=weights_dtype,
             autocast_dtype=autocast_dtype, recompute=recompute, trace=trace,
@@ -105,12 +122,16 @@ class StreamingEngine:
         # Gradients leave the device through pinned staging buffers; a copy into one waits until the host has
         # summed what it held, so there are enough to cover the host's work on one block (issue 15's estimate:
         # 50-100 ms of host sum + norm per 7B block against ~40 ms of GPU backward).
-        largest = max(self.store.rest.layout.numel, self.store.block_layout.numel)
+        largest = max(self.store.rest.device_numel, self.store.blocks[0].device_numel) // world
         self.staging = [torch.empty(largest, dtype=self.grad_dtype, pin_memory=self.store.pinned)
                         for _ in range(staging_buffers)] if cuda else []  # fmt: skip
         self.staging_busy: list[Future | None] = [None] * len(self.staging)
         self.staging_next = 0
         self.steps = 0
+        self.collectives = Collectives()
+        self.scattering: deque = deque()  # CPU: reduce-scatters in flight, landed in order
+        self.d2h_bytes = 0
+        self.last_step_stats: dict[str, float] = {}
         self.last_trace: list[dict[str, Any]] = []
         self.device_stale = True  # the store holds weights the device buffers and embedding copy do not
 
@@ -148,7 +169,10 @@ class StreamingEngine:
     def _land(self, unit: Unit, grads: list[torch.Tensor], final: bool) -> None:
         with self.executor.tracer.span("optimizer", f"accumulate {unit.name}", unit.index):
             unit.accumulate(grads)
-        if final and self.swarm is not None:
+        if final and self.sharded:
+            unit.average()
+            self.optimizer.gradient_final(unit)
+        elif final and self.swarm is not None:
             with self.executor.tracer.span("reduce", f"all-reduce {unit.name}", unit.index):
                 self.swarm.reduce_async(unit)
         elif final:
@@ -156,12 +180,17 @@ class StreamingEngine:
 
     def _on_grad(self, unit: Unit, grads: list[torch.Tensor], final: bool) -> None:
         """A unit's gradients exist on the device: send them to the host store."""
+        if self.sharded:
+            self._scatter(unit, grads, final)
+            return
         if not self.staging:  # the device is the host: nothing to copy
             if self.grad_dtype != torch.float32:
                 grads = [g.to(self.grad_dtype) for g in grads]
+            self.d2h_bytes += sum(g.numel() for g in grads) * self.grad_dtype.itemsize
             self.landed.append(self.worker.submit(lambda: self._land(unit, grads, final)))
             return
         flat = torch.cat([g.reshape(-1).to(self.grad_dtype) for g in grads])  # one transfer per block
+        self.d2h_bytes += flat.nbytes
         k = self.staging_next
         self.staging_next = (k + 1) % len(self.staging)
         if self.staging_busy[k] is not None:
@@ -182,11 +211,59 @@ class StreamingEngine:
         self.staging_busy[k] = self.worker.submit(land)
         self.landed.append(self.staging_busy[k])
 
+    def _scatter(self, unit: ShardUnit, grads: list[torch.Tensor], final: bool) -> None:
+        """SwarmX on the device: reduce-scatter the unit's gradient (fp32, summed over replicas) and send only this
+        rank's share to the host. On CUDA the collective is queued on the gradient stream behind the backward that
+        made it, then the share's D2H copy; the host lands it when the copy's event fires. On CPU (gloo) it runs
+        asynchronously while the next block's backward computes, and lands before the one after is started."""
+        group, tracer = self.store.group, self.executor.tracer
+        if not self.staging:
+            send = unit.device_gradient(grads)
+            out = torch.empty(unit.size, dtype=torch.float32, device=send.device)
+            with tracer.span("reduce", f"reduce-scatter {unit.name}", unit.index):
+                work = self.collectives.timed(reduce_scatter, out, send, group=group, async_op=True)
+            self.scattering.append((unit, work, out, final))
+            while len(self.scattering) > 1:
+                self._land_scattered()
+            return
+        stream = self.executor.grad_stream
+        k = self.staging_next
+        self.staging_next = (k + 1) % len(self.staging)
+        if self.staging_busy[k] is not None:
+            self.staging_busy[k].result()
+        stage = self.staging[k][: unit.size]
+        stream.wait_stream(self.executor.compute_stream)
+        with torch.cuda.stream(stream), tracer.span("reduce", f"reduce-scatter {unit.name}", unit.index, stream):
+            send = unit.device_gradient(grads)
+            out = torch.empty(unit.size, dtype=torch.float32, device=send.device)
+            self.collectives.timed(reduce_scatter, out, send, group=group)  # ordered on this stream
+            stage.copy_(out.to(self.grad_dtype), non_blocking=True)
+        for g in grads:  # made on the compute stream, read on this one: not reused before the gather is done
+            g.record_stream(stream)
+        self.d2h_bytes += stage.nbytes
+        copied = torch.cuda.Event()
+        copied.record(stream)
+
+        def land() -> None:
+            copied.synchronize()
+            self._land(unit, stage, final)
+
+        self.staging_busy[k] = self.worker.submit(land)
+        self.landed.append(self.staging_busy[k])
+
+    def _land_scattered(self) -> None:
+        unit, work, out, final = self.scattering.popleft()
+        self.collectives.timed(work.wait)
+        self.d2h_bytes += unit.own * self.grad_dtype.itemsize
+        self.landed.append(self.worker.submit(lambda: self._land(unit, out.to(self.grad_dtype), final)))
+
     def _finish_gradients(self) -> None:
+        while self.scattering:
+            self._land_scattered()
         for f in self.landed:
             f.result()
         self.landed = []
-        if self.swarm is not None:
+        if self.swarm is not None and not self.sharded:
 
             def reduce() -> None:
                 for unit in self.swarm.finish():
@@ -198,15 +275,27 @@ class StreamingEngine:
 
     def train_step(self, micro_batches: list[Any], lr: float) -> StepResult:
         self.executor.tracer.begin_step(self.steps, self.executor.compute_stream)
+        self.collectives.seconds, self.d2h_bytes, h2d_before = 0.0, 0, self.executor.slots.h2d_bytes
         self._sync_device()
         self.optimizer.start_step()
         loss, tokens = self.executor.forward_backward(micro_batches, self._on_grad)
         self._finish_gradients()
         loss_value = loss.item()
-        if self.swarm is not None:
+        if self.sharded:  # one all-reduce: the loss, the tokens and every rank's squared gradient norm
+            local = torch.stack([torch.tensor(loss_value, dtype=torch.float64),
+                                 torch.tensor(float(tokens), dtype=torch.float64),
+                                 self.optimizer.local_square_norm()])  # fmt: skip
+            summed = self.collectives.timed(self.swarm.sum_scalars, local)
+            loss_value, tokens = float(summed[0]) / self.swarm.world, int(summed[1])
+            total, clip = self.optimizer.clip_from_square(float(summed[2]))
+        elif self.swarm is not None:
             summed = self.swarm.sum_scalars(torch.tensor([loss_value, float(tokens)]))
             loss_value, tokens = float(summed[0]) / self.swarm.world, int(summed[1])
-        total, clip = self.optimizer.clip_factor()
+            total, clip = self.optimizer.clip_factor()
+        else:
+            total, clip = self.optimizer.clip_factor()
+        self.last_step_stats = {"collective_s": round(self.collectives.seconds, 6), "d2h_bytes": self.d2h_bytes,
+                                "h2d_bytes": self.executor.slots.h2d_bytes - h2d_before}  # fmt: skip
         norm_value = total.item()
         self.steps += 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
@@ -247,6 +336,22 @@ class StreamingEngine:
         self._release_holds()
         self.store.load_state_dict(state, load_optimizer)
         self.device_stale = True
+
+    def shard_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Sharded store: (this rank's flat share of every unit, views with no copy; the layout a reader needs).
+        They stay unchanged until the next update, and longer while hold_state() says something reads them."""
+        self.flush()
+        return self.store.shard_tensors(), self.store.shard_layout()
+
+    def host_report(self) -> dict[str, Any]:
+        """This rank's host bytes by what holds them, and (sharded) its share of each unit."""
+        pinned = [u.stream_source() for u in self.store.units if self.store.pinned] + self.staging
+        out = {"store_bytes": self.store.nbytes, "pinned_bytes": sum(t.nbytes for t in pinned),
+               "staging_bytes": sum(t.nbytes for t in self.staging),
+               "plan_bytes": sum(self.host_plan.values())}  # fmt: skip
+        if self.sharded:
+            out.update(self.store.ranges())
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Device-side accounting: block buffers held, copies made, bytes."""

@@ -195,6 +195,11 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in str(extra.get("sizes", "16,64")).split(",")]
     rows = compare(shape, prof, sizes, int(extra.get("global_batch", 2112)))
     print(table(rows))
+    from crystal.streaming.sim.gpu import recommend
+
+    print(f"\nrecommended crystal backend for {shape.name} on {prof.name} (predictions):")
+    for r in recommend(rows, shape, prof):
+        print(f"  {r.gpus:>4} GPUs: backend={r.backend:<9} {r.why}")
     if prof.name == "h100":
         from crystal.streaming.sim.gpu import h100_checks
 
@@ -211,9 +216,18 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from crystal.streaming.sim.cluster import compare, table
+
+    shape, prof, _, extra = resolve(args.overrides, default_cluster="h100", extra_keys=("sizes",))
+    rows = compare(shape, prof, [int(x) for x in str(extra.get("sizes", "8,64")).split(",")])
+    print(table(rows, markdown=args.markdown))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("calibrate", "sweep", "gpu", "sensitivity", "published")
+    commands = ("calibrate", "sweep", "gpu", "sensitivity", "cluster", "published")
     command = argv.pop(0) if argv and argv[0] in commands else "predict"
     ap = argparse.ArgumentParser(prog=f"python -m crystal.streaming.sim{'' if command == 'predict' else ' ' + command}")
     ap.add_argument("overrides", nargs="*", help="key=value: model=, cluster=, batch=, seq=, micro_batches=, "
@@ -233,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         fn = cmd_sensitivity
     elif command == "published":
         fn = cmd_published
+    elif command == "cluster":
+        ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/cluster.md)")
+        fn = cmd_cluster
     elif command == "sweep":
         ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
         fn = cmd_sweep

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from crystal.streaming.sim.engine import Engine
-from crystal.streaming.sim.profile import ClusterProfile
+from crystal.streaming.sim.profile import DTYPE_BYTES, ClusterProfile
 from crystal.streaming.sim.shapes import ModelShape
 from crystal.streaming.sim.timing import ADAM_DEVICE_BYTES, block_times, simulate
 
@@ -85,6 +85,14 @@ def _result(strategy, n, config, shape, prof, seq, step_s, compute_s, dev_bytes,
 # FSDP
 
 
+def fsdp_device_bytes(shape: ModelShape, n: int, b: int, seq: int, ckpt: bool, offload: bool) -> float:
+    """Per GPU: 1/n of the fp32 weights, gradients and AdamW moments (16 B/param; none with offload), two
+    gathered blocks (bf16 weights + fp32 gradients) and the root unit, saved activations, fp32 logits + grad."""
+    P, Pb, Pn = shape.params, shape.block_params, shape.nonblock_params
+    act = shape.n_layer * _act_per_layer(shape, b, seq, 1, ckpt) + (_internals(shape, b, seq, 1) if ckpt else 0)
+    return (0 if offload else 16 * P / n) + 2 * Pb * (2 + 4) + Pn * (2 + 4) + act + b * seq * shape.vocab_size * 4 * 2
+
+
 def fsdp(shape: ModelShape, prof: ClusterProfile, n: int, b: int, ckpt: bool, offload: bool, seq: int,
          seqs: int = SEQ_BATCH) -> Alt:  # fmt: skip
     L, P, Pb, Pn = shape.n_layer, shape.params, shape.block_params, shape.nonblock_params
@@ -92,13 +100,16 @@ def fsdp(shape: ModelShape, prof: ClusterProfile, n: int, b: int, ckpt: bool, of
     bt = block_times(shape, prof.device, b, seq)
     bw = _bw(prof, n, n > prof.network.devices_per_node)
     frac = (n - 1) / n  # 0 on one GPU: FSDP2 with offload there is copies + host AdamW, no collectives
-    ag, rs = frac * 2 * Pb / bw, frac * 4 * Pb / bw
-    ag_n, rs_n = frac * 2 * Pn / bw, frac * 4 * Pn / bw
+    wb = DTYPE_BYTES[prof.device.compute_dtype]  # a gathered weight: bf16 on GPUs, fp32 in a CPU (gloo) run
+    ag, rs = frac * wb * Pb / bw, frac * 4 * Pb / bw
+    ag_n, rs_n = frac * wb * Pn / bw, frac * 4 * Pn / bw
     h2d = 4 * Pb / n / (prof.link.h2d_gbps * 1e9) if offload else 0.0
     d2h = 4 * Pb / n / (prof.link.d2h_gbps * 1e9) if offload else 0.0
     opt = P / n / (prof.host.optimizer_mparams_per_s * 1e6) if offload else P / n * ADAM_DEVICE_BYTES / (
         prof.device.memory_gbps * 1e9)  # fmt: skip
-    eng = Engine(shared=("h2d", "d2h", prof.link.duplex_gbps / (prof.link.h2d_gbps + prof.link.d2h_gbps)))
+    # A device without copy engines (a CPU: link.overlap false) runs collectives on the cores that compute.
+    eng = Engine(serial=not prof.link.overlap,
+                 shared=("h2d", "d2h", prof.link.duplex_gbps / (prof.link.h2d_gbps + prof.link.d2h_gbps)))  # fmt: skip
     prev_opt = None
     for s in range(2):
         gathers: list[list] = []  # [gather task, last compute using it]; gather k reuses the buffer of k - 2
@@ -141,8 +152,7 @@ def fsdp(shape: ModelShape, prof: ClusterProfile, n: int, b: int, ckpt: bool, of
     end0 = max(t.end_s for t in tasks if t.step == 0)
     step = max(t.end_s for t in tasks if t.step == 1) - end0
     compute = sum(t.end_s - t.start_s for t in tasks if t.step == 1 and t.lane == "compute" and t.name != "adam")
-    act = L * _act_per_layer(shape, b, seq, 1, ckpt) + (_internals(shape, b, seq, 1) if ckpt else 0)
-    dev = (0 if offload else 16 * P / n) + 2 * Pb * (2 + 4) + Pn * (2 + 4) + act + b * seq * shape.vocab_size * 4 * 2
+    dev = fsdp_device_bytes(shape, n, b, seq, ckpt, offload)
     cfg = f"b={b} m={m} ckpt={'on' if ckpt else 'off'}"
     name = "FSDP + CPU offload" if offload else "FSDP (ZeRO-3)"
     return _result(name, n, cfg, shape, prof, seq, step, compute, dev, seqs)
@@ -229,6 +239,43 @@ def compare(shape: ModelShape, prof: ClusterProfile, sizes: list[int], global_ba
         if r:
             rows.append(r)
     return rows
+
+
+CRYSTAL_FSDP, CRYSTAL_STREAMING = "FSDP (ZeRO-3)", "weight streaming"  # the rows crystal's backends run
+
+
+@dataclass
+class Recommendation:
+    gpus: int
+    backend: str  # crystal's backend.name: resident | fsdp | streaming
+    why: str
+
+
+def recommend(rows: list[Alt], shape: ModelShape, prof: ClusterProfile) -> list[Recommendation]:
+    """Which of crystal's backends to run per GPU count: fsdp (resident on one GPU, where FSDP has nothing to
+    shard) when its weights, gradients, AdamW state and activations fit the GPUs together and it is the faster;
+    weight streaming when they do not fit, or when it predicts more tokens/s. The other rows (offload, 3D)
+    are references crystal does not run."""
+    seq = prof.run.seq or shape.max_seq_len
+    out = []
+    for n in sorted({r.gpus for r in rows}):
+        by = {r.strategy: r for r in rows if r.gpus == n}
+        sharded, streamed = by.get(CRYSTAL_FSDP), by.get(CRYSTAL_STREAMING)
+        name = "resident" if n == 1 else "fsdp"
+        if sharded and (streamed is None or sharded.tokens_s >= streamed.tokens_s):
+            vs = f" vs streaming {streamed.tokens_s:,.0f}" if streamed else ""
+            how = " with backend.fsdp.grad_sync=micro_batch, as modelled" if n > 1 else ""
+            out.append(Recommendation(n, name, f"fits{how} ({sharded.device_gb:.1f} GB per GPU, {sharded.config}); "
+                                               f"{sharded.tokens_s:,.0f} tokens/s{vs}"))  # fmt: skip
+        elif sharded and streamed:
+            out.append(Recommendation(n, "streaming", f"{streamed.tokens_s:,.0f} tokens/s vs {name} "
+                                                      f"{sharded.tokens_s:,.0f}"))  # fmt: skip
+        elif streamed:
+            least = fsdp_device_bytes(shape, n, 1, seq, True, False) / 1e9  # smallest footprint: b=1, checkpointing
+            why = (f"{name} does not fit: needs {least:.1f} GB per GPU of {prof.device.memory_gb:g}; "
+                   f"streaming {streamed.tokens_s:,.0f} tokens/s in {streamed.device_gb:.1f} GB")  # fmt: skip
+            out.append(Recommendation(n, "streaming", why))
+    return out
 
 
 def table(rows: list[Alt]) -> str:
