@@ -55,6 +55,18 @@ def streaming_available() -> str | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def cpu_profile(tmp_path_factory):
+    """A generic cpu profile (calibrate's default sizes, process CPU time), or CRYSTAL_SIM_PROFILE's: the
+    fixture bench/test_fsdp_sim_validation.py shares. This file's own test calibrates per config instead."""
+    from crystal.streaming.sim.calibrate import calibrate
+    from crystal.streaming.sim.profile import load_profile
+
+    torch.set_num_threads(int(os.environ.get("CRYSTAL_SIM_THREADS", "1")))
+    saved = os.environ.get("CRYSTAL_SIM_PROFILE")
+    return load_profile(Path(saved) if saved else calibrate(tmp_path_factory.mktemp("sim") / "cpu.yaml", 10.0))
+
+
 def model_block(cfg_model, batch: int, depth: int):
     """The model's own blocks at (batch, SEQ) for the calibration: () -> (forward, backward) over `depth`
     blocks in a row (resident: every layer's forward, then every backward; streaming: one block, whose
@@ -79,7 +91,7 @@ def model_block(cfg_model, batch: int, depth: int):
     return make
 
 
-def cpu_profile(cfg, batch: int, tmp_path: Path, resident: bool):
+def config_profile(cfg, batch: int, tmp_path: Path, resident: bool):
     """This machine's profile for one config: the model's own ops at this micro-batch's shapes, the host
     rates at this depth's mix of block and embedding parameters."""
     from crystal.streaming.sim.calibrate import Workload, measure, render
@@ -120,7 +132,7 @@ def one_config(backend: str, model: str, n_layer: int, batch: int, out_dir: str)
     try:
         for k in range(STEPS):
             if k == 3:
-                profile = cpu_profile(cfg, batch, out, resident=backend == "resident")
+                profile = config_profile(cfg, batch, out, resident=backend == "resident")
             t0 = time.process_time()
             trainer.train_step()
             times.append(time.process_time() - t0)
