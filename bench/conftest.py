@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The benches that train compose configs with tests/conftest.py. --import-mode=importlib leaves the checkout
+# root off sys.path (so its kernels/ and streaming/ cannot shadow installed packages), and from a fresh clone
+# `pytest bench/` then failed with "No module named 'tests'". Appended, not inserted: installed packages win.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 from crystal.utils import device_name, git_commit  # noqa: E402
 

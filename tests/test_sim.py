@@ -285,3 +285,20 @@ def test_gpu_alternatives_and_the_measured_h100_points():
     assert all(r.fits and 0 < r.mfu < 1 for r in rows.values())
     checks = {what: pred / meas for what, meas, pred in h100_checks(h100)}
     assert 0.9 < checks["resident"] < 1.1  # the compute model against DESIGN.md's measured 45.0k tok/s
+
+
+def test_auto_micro_batching_splits_what_does_not_fit_and_refuses_one_sequence_that_does_not():
+    # issue 17: a CS-2 step batch that does not fit whole is cut into micro-batches, as the Cerebras stack does
+    shape, prof = load_shape("amber_7b"), load_profile("cs2")
+    whole = replace(prof.run, batch=99, micro_batches=1)
+    assert not simulate(shape, prof, replace(whole, micro_batch_size="none")).fits
+    p = simulate(shape, prof, whole)  # cs2.yaml: micro_batch_size auto
+    assert p.fits and (p.run.batch, p.run.micro_batches) == (33, 3) and p.tokens_per_step == 99 * 2048
+    assert "split into 3 micro-batches of 33" in p.micro_note and "56.6 GB" in p.micro_note
+    assert (simulate(shape, prof, replace(whole, micro_batch_size="11")).run.batch, 11)[0] == 11
+    with pytest.raises(ValueError, match="does not divide"):
+        simulate(shape, prof, replace(whole, micro_batch_size="10"))
+    long = simulate(shape, prof, replace(whole, batch=1, seq=131072))  # one sequence alone is too big
+    assert not long.fits and long.fit_note.startswith("one sequence alone: device needs")
+    with pytest.raises(ValueError, match="does not fit"):
+        simulate(shape, prof, replace(whole, batch=1, seq=131072), strict=True)

@@ -100,6 +100,8 @@ def report(p: Prediction) -> str:
         items = {k.split(": ", 1)[1]: v for k, v in p.memory.items() if k.startswith(tier)}
         rows.append((f"memory ({tier})", f"{_gb(sum(items.values()))} of {_gb(cap)}"))
         rows += [(f"  {k}", _gb(v)) for k, v in items.items() if v]
+    if p.micro_note:
+        rows.append(("micro-batches", p.micro_note))
     rows.append(("fits", "yes" if p.fits else f"NO: {p.fit_note}"))
     rows.append(("1.392T tokens", f"{_duration(CRYSTALCODER_TOKENS / p.tokens_s)} (CrystalCoder's three stages)"))
     width = max(len(k) for k, _ in rows)
@@ -141,6 +143,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 SENSITIVITY = {
     "matmul + attention rate": lambda p, k: replace(p, device=replace(
         p.device, matmul_tflops=[[g, r * k] for g, r in p.device.matmul_tflops],
+        matmul_bwd_tflops=[[g, r * k] for g, r in p.device.matmul_bwd_tflops],
         attention_fwd_tflops=p.device.attention_fwd_tflops * k,
         attention_bwd_tflops=p.device.attention_bwd_tflops * k)),
     "weight/grad link (h2d, d2h)": lambda p, k: replace(p, link=replace(
@@ -168,6 +171,20 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     print(f"{shape.name} on {prof.name} x {run.replicas}: tokens/s change when one input is halved / doubled")
     for name, lo, hi in sensitivity(shape, prof, run):
         print(f"  {name:<30} x0.5: {100 * lo:+6.1f}%   x2: {100 * hi:+6.1f}%")
+    return 0
+
+
+def cmd_published(args: argparse.Namespace) -> int:
+    from crystal.streaming.sim.published import table
+
+    print(f"{'run':<18} {'device':<6} {'batch x seq':>12} {'published':>10} {'predicted':>10} {'ratio':>6}  samples/s")
+    for r in table():
+        row = r["row"]
+        mark = "  (calibration row)" if row.calibrate else ""
+        print(
+            f"{row.key:<18} {row.device:<6} {f'{row.batch} x {row.seq}':>12} {r['published']:>10.2f} "
+            f"{r['predicted']:>10.2f} {r['ratio']:>6.2f}{mark}"
+        )
     return 0
 
 
@@ -210,10 +227,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("calibrate", "sweep", "gpu", "sensitivity", "cluster") else "predict"
+    commands = ("calibrate", "sweep", "gpu", "sensitivity", "cluster", "published")
+    command = argv.pop(0) if argv and argv[0] in commands else "predict"
     ap = argparse.ArgumentParser(prog=f"python -m crystal.streaming.sim{'' if command == 'predict' else ' ' + command}")
     ap.add_argument("overrides", nargs="*", help="key=value: model=, cluster=, batch=, seq=, micro_batches=, "
                     "schedule=, prefetch=, recompute=, stream_dtype=, grad_dtype=, replicas= (num_cs2=), "
+                    "micro_batch_size=auto|none|<n>, "
                     "model.<key>=, cluster.<section>.<key>=")  # fmt: skip
     if command == "predict":
         ap.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace of one step")
@@ -226,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         fn = cmd_calibrate
     elif command == "sensitivity":
         fn = cmd_sensitivity
+    elif command == "published":
+        fn = cmd_published
     elif command == "cluster":
         ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/cluster.md)")
         fn = cmd_cluster

@@ -52,6 +52,9 @@ class DeviceProfile:
     op_overhead_us: float = 0.0  # fixed cost per op launch / dispatch
     shares_host_memory: bool = False  # the device memory is the host's (CPU): fit checks add both tiers
     internals_batch: int = 0  # sequences whose block internals live at once; 0 = the whole micro-batch
+    elementwise_bwd_gbps: float = 0.0  # read+write bytes/s of the elementwise backward; 0 = memory_gbps
+    # backward (dX + dW) rate by the forward matmul's GFLOP, [[GFLOP, TFLOP/s], ...]; [] = matmul_tflops
+    matmul_bwd_tflops: list[list[float]] = field(default_factory=list)
 
     def softmax_rate(self, logits_bytes: float) -> float:
         """Achieved read+write bytes/s of the cross entropy over `logits_bytes` of fp32 logits."""
@@ -62,9 +65,10 @@ class DeviceProfile:
         w = min(1.0, max(0.0, (math.log(max(logits_bytes, 1.0)) - lo) / (hi - lo)))
         return small * (1 - w) + self.softmax_big_gbps * 1e9 * w
 
-    def matmul_rate(self, flops: float) -> float:
-        """Achieved FLOP/s for one matmul of `flops` FLOPs."""
-        pts = self.matmul_tflops
+    def matmul_rate(self, flops: float, backward: bool = False) -> float:
+        """Achieved FLOP/s for one matmul of `flops` FLOPs (backward: one of the two backward matmuls of a
+        forward matmul of that size)."""
+        pts = self.matmul_bwd_tflops if backward and self.matmul_bwd_tflops else self.matmul_tflops
         xs = [math.log(p[0] * 1e9) for p in pts]
         x = math.log(max(flops, 1.0))
         i = bisect.bisect_left(xs, x)
@@ -90,6 +94,7 @@ class HostProfile:
     memory_gb: float  # host RAM / MemoryX capacity for fp32 master, Adam m, v, grad accumulators
     optimizer_mparams_per_s: float  # AdamW update rate, million parameters per second
     accumulate_gbps: float = 0.0  # fp32 grad-accumulator bytes updated per second; 0 = not measured, free
+    norm_gbps: float = 0.0  # fp32 gradient bytes read per second by the norm pass; 0 = 2 x accumulate_gbps
     overlap: bool = True  # optimizer runs beside the device (host threads / MemoryX); False on CPU
 
 
@@ -115,6 +120,12 @@ class RunDefaults:
     stream_dtype: str = "bf16"  # bytes per streamed weight
     grad_dtype: str = "bf16"  # bytes per gradient sent back
     staging_buffers: int = 4  # pinned D2H buffers; a gradient copy waits for the landing of the one N before it
+    # How the step's batch * micro_batches sequences per replica are cut into micro-batches, as the Cerebras
+    # stack's micro_batch_size setting: none = as given (refused when it does not fit); <n> = micro-batches of
+    # n sequences (n divides the step's sequences); auto = the largest divisor of them that fits the device
+    # (Cerebras' compiler searches the divisors with its performance model; here fewer, larger micro-batches
+    # are never slower, so the largest fitting one is the best), refused only if one sequence does not fit
+    micro_batch_size: str = "none"
 
     def validate(self, where: str) -> None:
         for key in ("batch", "micro_batches", "replicas", "staging_buffers"):
@@ -132,6 +143,13 @@ class RunDefaults:
         for key in ("stream_dtype", "grad_dtype"):
             if getattr(self, key) not in ("fp32", "bf16"):
                 raise ValueError(f"{where}: {key}={getattr(self, key)!r}: use fp32 or bf16")
+        mbs = str(self.micro_batch_size)
+        if mbs not in ("auto", "none") and not (mbs.isdigit() and int(mbs) >= 1):
+            raise ValueError(f"{where}: micro_batch_size={mbs!r}: use auto, none or a number of sequences >= 1")
+        if mbs.isdigit() and (self.batch * self.micro_batches) % int(mbs):
+            total = self.batch * self.micro_batches
+            raise ValueError(f"{where}: micro_batch_size={mbs} does not divide the step's batch x micro_batches = "
+                             f"{total} sequences per replica; use a divisor or auto")  # fmt: skip
 
 
 @dataclass
@@ -161,9 +179,9 @@ class ClusterProfile:
                 raise ValueError(f"{where}: {key}={value} must be > 0")
         nonneg = {
             "device.op_overhead_us": d.op_overhead_us, "device.softmax_gbps": d.softmax_gbps,
-            "device.softmax_big_gbps": d.softmax_big_gbps,
+            "device.softmax_big_gbps": d.softmax_big_gbps, "device.elementwise_bwd_gbps": d.elementwise_bwd_gbps,
             "device.internals_batch": d.internals_batch,
-            "link.latency_us": lk.latency_us, "host.accumulate_gbps": h.accumulate_gbps,
+            "link.latency_us": lk.latency_us, "host.accumulate_gbps": h.accumulate_gbps, "host.norm_gbps": h.norm_gbps,
             "network.intra_node_gbps": n.intra_node_gbps, "network.inter_node_gbps": n.inter_node_gbps,
             "network.latency_us": n.latency_us,
         }  # fmt: skip
@@ -174,6 +192,9 @@ class ClusterProfile:
             raise ValueError(f"{where}: device.matmul_tflops must be [[GFLOP, TFLOP/s], ...] with positive values")
         if [p[0] for p in d.matmul_tflops] != sorted(p[0] for p in d.matmul_tflops):
             raise ValueError(f"{where}: device.matmul_tflops must be sorted by GFLOP (first column)")
+        bwd = d.matmul_bwd_tflops
+        if any(len(p) != 2 or p[0] <= 0 or p[1] <= 0 for p in bwd) or [p[0] for p in bwd] != sorted(p[0] for p in bwd):
+            raise ValueError(f"{where}: device.matmul_bwd_tflops must be [] or sorted [[GFLOP, TFLOP/s], ...] > 0")
         if d.compute_dtype not in DTYPE_BYTES:
             raise ValueError(f"{where}: device.compute_dtype={d.compute_dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
         if lk.duplex_gbps > lk.h2d_gbps + lk.d2h_gbps:

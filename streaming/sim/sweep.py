@@ -29,10 +29,10 @@ def fitting_run(shape: ModelShape, prof: ClusterProfile, base: RunDefaults, repl
     share = global_batch // replicas
     sizes = [b for b in range(min(share, max_batch), 0, -1) if share % b == 0]
     for b in sizes:
-        run = replace(base, replicas=replicas, batch=b, micro_batches=share // b)
+        run = replace(base, replicas=replicas, batch=b, micro_batches=share // b, micro_batch_size="none")
         if check_fit(memory(shape, prof, run), prof)[0]:
             return run
-    return replace(base, replicas=replicas, batch=sizes[-1], micro_batches=share)
+    return replace(base, replicas=replicas, batch=sizes[-1], micro_batches=share, micro_batch_size="none")
 
 
 def sweep_rows(prof: ClusterProfile, base: RunDefaults, counts=COUNTS) -> list[tuple[str, Prediction]]:

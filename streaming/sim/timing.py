@@ -51,6 +51,8 @@ class Costs:
     nonblock_opt: float
     block_accum: float
     nonblock_accum: float
+    block_norm: float  # the gradient norm pass once a unit's gradient is final
+    nonblock_norm: float
     block_reduce: float
     nonblock_reduce: float
     resident_opt: float  # the whole model's AdamW when resident
@@ -93,14 +95,20 @@ def block_times(shape: ModelShape, dev: DeviceProfile, batch: int, seq: int, tp:
         flops = 2.0 * m * k * n
         return flops / dev.matmul_rate(flops)
 
+    def mm_bwd(m: int, k: int, n: int) -> float:
+        """dX and dW of the forward matmul (m, k) x (k, n)."""
+        flops = 2.0 * m * k * n
+        return 2 * flops / dev.matmul_rate(flops, backward=True)
+
     split = [(i // tp if name in ("attn_out", "c_proj") else i, o if name in ("attn_out", "c_proj") else o // tp)
              for name, i, o in shape.block_linears()]  # fmt: skip
     lin_f = sum(mm(t, i, o) for i, o in split)
-    lin_b = sum(mm(t, o, i) + mm(i, t, o) for i, o in split)  # dX and dW
+    lin_b = sum(mm_bwd(t, i, o) for i, o in split)
     attn_f = 2.0 * batch * seq * seq * d / tp
     elem = 21 * d + 5 * f / tp
     elem_f = t * elem * ab / mem
-    elem_b = t * (2 * elem + ((5 * d + 2 * f / tp) if shape.bias else 0)) * ab / mem
+    mem_b = (dev.elementwise_bwd_gbps or dev.memory_gbps) * 1e9
+    elem_b = t * (2 * elem + ((5 * d + 2 * f / tp) if shape.bias else 0)) * ab / mem_b
     emb = t * 2 * d * ab / mem
     sm = dev.softmax_rate(t * (v // tp) * 4)
     vt = v // tp
@@ -109,7 +117,7 @@ def block_times(shape: ModelShape, dev: DeviceProfile, batch: int, seq: int, tp:
         bwd=lin_b + 2.5 * attn_f / (dev.attention_bwd_tflops * 1e12) + elem_b + BWD_OPS * ovh,
         embed_fwd=emb + ovh,
         embed_bwd=emb + 2 * ovh,
-        head=mm(t, d, vt) + mm(t, vt, d) + mm(d, t, vt) + t * 4 * d * ab / mem + t * 11 * vt * 4 / sm + 8 * ovh,
+        head=mm(t, d, vt) + mm_bwd(t, d, vt) + t * 4 * d * ab / mem + t * 11 * vt * 4 / sm + 8 * ovh,
     )
 
 
@@ -122,6 +130,7 @@ def compute_costs(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> 
     lat = link.latency_us * 1e-6
     opt = host.optimizer_mparams_per_s * 1e6
     acc = host.accumulate_gbps * 1e9
+    norm = (host.norm_gbps or 2 * host.accumulate_gbps) * 1e9  # a read-only pass: half an accumulate by default
     if dev.shares_host_memory:
         resident_opt = shape.params / opt
     else:
@@ -132,6 +141,7 @@ def compute_costs(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> 
         nonblock_h2d=pn * sb / (link.h2d_gbps * 1e9) + lat, nonblock_d2h=pn * gb / (link.d2h_gbps * 1e9) + lat,
         block_opt=pb / opt, nonblock_opt=pn / opt,
         block_accum=pb * 4 / acc if acc else 0.0, nonblock_accum=pn * 4 / acc if acc else 0.0,
+        block_norm=pb * 4 / norm if norm else 0.0, nonblock_norm=pn * 4 / norm if norm else 0.0,
         block_reduce=collective_s(pb * gb, run.replicas, prof),
         nonblock_reduce=collective_s(pn * gb, run.replicas, prof),
         resident_opt=resident_opt,
@@ -279,7 +289,11 @@ class _Builder:
                               None, s)  # fmt: skip
         self.last_dev = emb_in
         finals: list[int] = []
-        norm_b, norm_n = c.block_accum / 2, c.nonblock_accum / 2  # a read-only pass over the gradient
+        norm_b, norm_n = c.block_norm, c.nonblock_norm
+        # On a device that is the host the "D2H" is the gradient landing in the store's accumulator: the first
+        # micro-batch's lands by copy (that task), later ones are added (the accumulate task) -- as the
+        # executor does (store.accumulate); with copy engines the landed copy is then accumulated every time.
+        first_free = self.prof.device.shares_host_memory
         if run.schedule == "batch_major":
             for m in range(M):
                 self.compute(f"embed fwd mb{m}", c.embed_fwd, None, s, [emb_in])
@@ -292,11 +306,12 @@ class _Builder:
                     if run.recompute:
                         self.compute(f"R{i} mb{m}", c.block_fwd, i, s)
                     self.compute(f"B{i} mb{m}", c.block_bwd, i, s)
-                    landed = self.send(str(i), i, s, c.block_d2h, c.block_accum)
+                    landed = self.send(str(i), i, s, c.block_d2h, 0.0 if first_free and m == 0 else c.block_accum)
                     if m == M - 1:
                         finals.append(self.final(str(i), i, s, landed, c.block_reduce, norm_b))
                 self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
-                landed = self.send("embedding/head", None, s, c.nonblock_d2h, c.nonblock_accum)
+                accum = 0.0 if first_free and m == 0 else c.nonblock_accum
+                landed = self.send("embedding/head", None, s, c.nonblock_d2h, accum)
             finals.append(self.final("embedding/head", None, s, landed, c.nonblock_reduce, norm_n))
         else:  # layer_major: a block, once on the device, serves every micro-batch of the step
             for m in range(M):
@@ -313,11 +328,12 @@ class _Builder:
                     if run.recompute:
                         self.compute(f"R{i} mb{m}", c.block_fwd, i, s)
                     self.compute(f"B{i} mb{m}", c.block_bwd, i, s)
-                landed = self.send(str(i), i, s, c.block_d2h, c.block_accum)  # one transfer per layer per step
+                # one transfer per layer per step: on a host device it lands by copy
+                landed = self.send(str(i), i, s, c.block_d2h, 0.0 if first_free else c.block_accum)
                 finals.append(self.final(str(i), i, s, landed, c.block_reduce, norm_b))
             for m in range(M):
                 self.compute(f"embed bwd mb{m}", c.embed_bwd, None, s)
-            landed = self.send("embedding/head", None, s, c.nonblock_d2h, c.nonblock_accum)
+            landed = self.send("embedding/head", None, s, c.nonblock_d2h, 0.0 if first_free else c.nonblock_accum)
             finals.append(self.final("embedding/head", None, s, landed, c.nonblock_reduce, norm_n))
         # phase 2: one clip factor from every norm, then the updates in the order the next forward needs them
         self.opt_done["embed"] = self.eng.add("optimizer", "adam embedding/head", c.nonblock_opt, finals, None, s)
@@ -367,11 +383,34 @@ class Prediction:
     fit_note: str
     events: list[dict]  # the measured step, start at 0 (trace contract)
     costs: Costs
+    micro_note: str = ""  # what micro_batch_size chose (split_micro_batches)
 
     @property
     def exposed_s(self) -> float:
         """Step time not covered by compute (copies, optimizer, reduce waited for)."""
         return self.step_s - self.busy_s.get("compute", 0.0)
+
+
+def split_micro_batches(shape: ModelShape, prof: ClusterProfile, run: RunDefaults) -> tuple[RunDefaults, str]:
+    """Apply run.micro_batch_size (profile.py): the run with batch = the micro-batch and micro_batches = how
+    many, and a line saying what was chosen ("" when nothing changed). auto keeps the largest divisor of the
+    step's sequences per replica whose micro-batch fits; when not even one sequence fits it keeps the run as
+    given (check_fit then refuses it, naming what does not fit)."""
+    mbs, total = str(run.micro_batch_size), run.batch * run.micro_batches
+    if mbs == "none":
+        return run, ""
+    if mbs != "auto":
+        n = int(mbs)
+        return replace(run, batch=n, micro_batches=total // n), f"micro_batch_size={n}: {total // n} x {n} sequences"
+    for n in sorted((k for k in range(1, total + 1) if total % k == 0), reverse=True):
+        cand = replace(run, batch=n, micro_batches=total // n)
+        if check_fit(memory(shape, prof, cand), prof)[0]:
+            if n == run.batch:
+                return cand, f"micro_batch_size=auto: {total // n} x {n} sequences as given (fits)"
+            whole = check_fit(memory(shape, prof, replace(run, batch=total, micro_batches=1)), prof)[1]
+            return cand, (f"micro_batch_size=auto: {total} sequences per step split into {total // n} micro-batches "
+                          f"of {n} ({total} at once: {whole})")  # fmt: skip
+    return replace(run, batch=1, micro_batches=total), "micro_batch_size=auto: not even one sequence fits"
 
 
 def simulate(shape: ModelShape, prof: ClusterProfile, run: RunDefaults | None = None, steps: int = 3,
@@ -383,9 +422,12 @@ def simulate(shape: ModelShape, prof: ClusterProfile, run: RunDefaults | None = 
     run.validate(f"cluster {prof.name} run")
     if run.replicas > prof.network.devices:
         raise ValueError(f"replicas={run.replicas} exceeds the {prof.network.devices} devices of cluster {prof.name}")
+    run, micro_note = split_micro_batches(shape, prof, run)
     seq = run.seq or shape.max_seq_len
     mem = memory(shape, prof, run)
     fits, note = check_fit(mem, prof)
+    if not fits and micro_note.endswith("not even one sequence fits"):
+        note = f"one sequence alone: {note}"
     if strict and not fits:
         raise ValueError(f"model {shape.name} does not fit on cluster {prof.name}: {note}")
     c = compute_costs(shape, prof, run)
@@ -417,6 +459,7 @@ def simulate(shape: ModelShape, prof: ClusterProfile, run: RunDefaults | None = 
         shape=shape, profile=prof, run=run, seq=seq, step_s=step_s, tokens_per_step=tokens, tokens_s=tokens_s,
         mfu=mfu, busy_s=busy, bottleneck=max(busy, key=busy.get), memory=mem, fits=fits, fit_note=note,
         events=events_of(tasks, last, min([t0] + [t.start_s for t in tasks if t.step == last])), costs=c,
+        micro_note=micro_note,
     )  # fmt: skip
 
 
